@@ -1,0 +1,3 @@
+from tdcompress.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Experiment configuration: typed sections, strict keys, YAML files and ``--set`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PhaseConfig",
+    "CompressConfig",
+    "ADMMConfig",
+    "RuntimeConfig",
+    "load_config",
+    "apply_overrides",
+]
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # mnist | fashion_mnist | cifar10 | cifar100 | digits
+    root: str | None = None  # data root; the CLI's --data-root overrides it
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    augment: bool = False  # random crop (crop_padding) + horizontal flip
+    crop_padding: int = 4
+    flip: bool = True
+    normalize: bool = True
+    train_subset: int | None = None  # first N training samples (smoke runs)
+    download: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | step | constant
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 10
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class CompressConfig:
+    format: str = "tt"
+    ranks: Any = None  # int, per-bond list, or {layer glob: rank}
+    target_ratio: float | None = None
+    target_macs_reduction: float | None = None
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    lstm: bool = False
+    layout: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ADMMConfig(PhaseConfig):
+    rho: float = 1e-3
+    every_steps: int | None = None  # None: once per epoch (the paper)
+    rho_growth: float = 1.0
+    rho_max: float = 1e9
+    mode: str = "penalty"  # penalty | hook
+
+
+@dataclass
+class RuntimeConfig:
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str | None = None  # None | bf16 | fp16
+    channels_last: bool = False
+    threads: int | None = None
+    progress: bool = True
+    dense_checkpoint: str | None = None  # load dense weights instead of training them
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dense: PhaseConfig = field(default_factory=PhaseConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    admm: ADMMConfig = field(default_factory=ADMMConfig)
+    finetune: PhaseConfig = field(default_factory=PhaseConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {path or '<root>'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = path or "the top level"
+        raise ValueError(
+            f"unknown config keys {unknown} in {where}; valid keys are {sorted(names)}"
+        )
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _build(t, v, f"{path}.{k}" if path else k)
+        else:
+            kwargs[k] = _coerce(t, v, f"{path}.{k}" if path else k)
+    return cls(**kwargs)
+
+
+def _coerce(t: Any, v: Any, path: str) -> Any:
+    """Light type checking for scalars (ints given where floats are expected are fine)."""
+    if v is None:
+        return v
+    if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if t is int and (isinstance(v, bool) or not isinstance(v, int)):
+        raise ValueError(f"config {path} must be an int, got {v!r}")
+    if t is bool and not isinstance(v, bool):
+        raise ValueError(f"config {path} must be true or false, got {v!r}")
+    if t is str and not isinstance(v, str):
+        raise ValueError(f"config {path} must be a string, got {v!r}")
+    return v
+
+
+def apply_overrides(d: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    for s in sets:
+        if "=" not in s:
+            raise ValueError(f"--set expects key=value, got {s!r}")
+        key, raw = s.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = d
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | Path | None = None, sets: list[str] | None = None) -> Config:
+    """A :class:`Config` from a YAML file (or the defaults) plus ``--set`` overrides;
+    unknown keys are rejected with the list of valid ones."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        d = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {p} must hold a mapping at the top level")
+    d = apply_overrides(d, list(sets or []))
+    return _build(Config, d, "")

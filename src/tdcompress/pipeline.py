@@ -1,0 +1,392 @@
+"""The compression pipeline: dense training, plan, ADMM, decompose, fine-tune, evaluate, report.
+
+Every stage writes atomic checkpoints into ``runtime.out_dir``; a stage interrupted at any
+point resumes from its last finished epoch, and finished stages are skipped, so rerunning
+the same command after a crash or kill continues the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdcompress.admm import ADMM, ADMMSchedule
+from tdcompress.config import Config, OptimConfig, PhaseConfig
+from tdcompress.planning import CompressionPlan, plan
+from tdcompress.surgery import decompose
+from tdcompress.train.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from tdcompress.train.distributed import (
+    barrier,
+    default_device,
+    init_distributed,
+    is_main,
+    rank,
+    world_size,
+    wrap_ddp,
+)
+from tdcompress.train.loop import MetricsLog, evaluate, train_epoch
+
+__all__ = ["Pipeline", "STAGES"]
+
+STAGES = ("train", "plan", "admm", "decompose", "finetune", "evaluate", "report")
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return default_device()
+    return torch.device(spec)
+
+
+def make_optimizer(params, oc: OptimConfig) -> torch.optim.Optimizer:
+    if oc.name == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=oc.lr,
+            momentum=oc.momentum,
+            weight_decay=oc.weight_decay,
+            nesterov=oc.nesterov and oc.momentum > 0,
+        )
+    if oc.name == "adam":
+        return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    if oc.name == "adamw":
+        return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
+    raise ValueError(f"optim.name must be 'sgd', 'adam' or 'adamw', got {oc.name!r}")
+
+
+def lr_factor(oc: OptimConfig, epoch: int, epochs: int) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based) of ``epochs``."""
+    if epoch < oc.warmup_epochs:
+        return (epoch + 1) / (oc.warmup_epochs + 1)
+    if oc.schedule == "constant":
+        return 1.0
+    if oc.schedule == "cosine":
+        e, n = epoch - oc.warmup_epochs, max(1, epochs - oc.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * e / n))
+    if oc.schedule == "step":
+        return oc.gamma ** sum(epoch >= m * epochs for m in oc.milestones)
+    raise ValueError(f"optim.schedule must be 'cosine', 'step' or 'constant', got {oc.schedule!r}")
+
+
+class Pipeline:
+    """Runs the stages of one :class:`~tdcompress.config.Config`; see the module docstring."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        init_distributed()
+        self.device = _device(cfg.runtime.device)
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.out = Path(cfg.runtime.out_dir)
+        if is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+        barrier()
+        self.log = MetricsLog(self.out / "metrics.jsonl")
+        self._data: tuple[Any, Any, dict[str, Any]] | None = None
+
+    # ---------------------------------------------------------------- state
+    @property
+    def _state_path(self) -> Path:
+        return self.out / "state.json"
+
+    def state(self) -> dict[str, Any]:
+        if self._state_path.exists():
+            return json.loads(self._state_path.read_text())
+        return {"done": {}}
+
+    def _mark_done(self, stage: str, result: dict[str, Any]) -> None:
+        if is_main():
+            st = self.state()
+            st["done"][stage] = result
+            atomic_write_text(self._state_path, json.dumps(st, indent=2))
+        barrier()
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state()["done"]
+
+    # ---------------------------------------------------------------- data / models
+    def data(self):
+        if self._data is None:
+            from tdcompress.data import make_loaders
+
+            self._data = make_loaders(
+                self.cfg.data,
+                device=self.device,
+                seed=self.cfg.seed,
+                rank=rank(),
+                world_size=world_size(),
+            )
+        return self._data
+
+    def dense_model(self) -> nn.Module:
+        from tdcompress.models import build_model
+
+        info = self.data()[2]
+        kwargs = dict(self.cfg.model.kwargs)
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(
+            self.cfg.model.name, **_model_defaults(self.cfg.model.name, info, kwargs)
+        )
+        return self._prepare(model)
+
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.cfg.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, *self.data()[2]["input_shape"])
+
+    def load_plan(self) -> CompressionPlan:
+        return CompressionPlan.load(self.out / "plan.yaml")
+
+    def compressed_model(self) -> nn.Module:
+        """The factorized architecture (weights to be loaded from a checkpoint)."""
+        model, _ = decompose(self.dense_model(), self.load_plan())
+        return self._prepare(model)
+
+    # ---------------------------------------------------------------- phases
+    def _train_phase(
+        self, name: str, model: nn.Module, phase: PhaseConfig, admm_cfg: Any = None
+    ) -> dict[str, Any]:
+        """Train ``model`` for ``phase.epochs`` epochs, resumable per epoch from
+        ``<name>.ckpt.pt``; with ``admm_cfg`` the ADMM state is trained and saved too."""
+        train_loader, test_loader, _ = self.data()
+        ddp = wrap_ddp(model)
+        opt = make_optimizer(model.parameters(), phase.optim)
+        base_lrs = [g["lr"] for g in opt.param_groups]
+        admm = None
+        if admm_cfg is not None:
+            admm = ADMM(
+                model,
+                self.load_plan(),
+                rho=admm_cfg.rho,
+                mode=admm_cfg.mode,
+                schedule=ADMMSchedule(admm_cfg.every_steps, admm_cfg.rho_growth, admm_cfg.rho_max),
+            )
+        ckpt = self.out / f"{name}.ckpt.pt"
+        start = 0
+        if ckpt.exists():
+            st = load_checkpoint(ckpt, map_location=self.device)
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            if admm is not None:
+                admm.load_state_dict(st["admm"])
+            set_rng_state(st["rng"])
+            start = st["epoch"]
+        scaler = torch.amp.GradScaler("cuda") if self.cfg.runtime.amp == "fp16" else None
+        last: dict[str, Any] = {}
+        for epoch in range(start, phase.epochs):
+            f = lr_factor(phase.optim, epoch, phase.epochs)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * f
+            if admm is not None and admm_cfg.every_steps is None and epoch > 0:
+                admm.update()  # the paper's rhythm: Z and U at the start of every epoch
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            t0 = time.time()
+            tr = train_epoch(
+                ddp,
+                train_loader,
+                opt,
+                device=self.device,
+                admm=admm,
+                amp=self.cfg.runtime.amp,
+                scaler=scaler,
+                desc=f"{name} {epoch + 1}/{phase.epochs}",
+                progress=self.cfg.runtime.progress,
+            )
+            ev = evaluate(model, test_loader, device=self.device, amp=self.cfg.runtime.amp)
+            last = {
+                "phase": name,
+                "epoch": epoch + 1,
+                "lr": opt.param_groups[0]["lr"],
+                "train_loss": tr["loss"],
+                "train_acc": tr["acc"],
+                "test_loss": ev["loss"],
+                "test_acc": ev["acc"],
+                "seconds": time.time() - t0,
+            }
+            if admm is not None:
+                last["rho"] = admm.rho
+                last.update({f"admm/{k}": v for k, v in admm.residuals().items()})
+            self.log.write(**last)
+            if is_main():
+                msg = f"[{name}] epoch {epoch + 1}/{phase.epochs} loss {tr['loss']:.4f} "
+                msg += f"train {tr['acc']:.4f} test {ev['acc']:.4f}"
+                if admm is not None:
+                    msg += f" |W-Z|/|W| {admm.residuals()['primal']:.4f}"
+                print(msg, flush=True)
+                save_checkpoint(
+                    ckpt,
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "admm": admm.state_dict() if admm is not None else None,
+                        "rng": rng_state(),
+                    },
+                )
+            barrier()
+        return {"model": model, "admm": admm, "last": last}
+
+    # ---------------------------------------------------------------- stages
+    def stage_train(self) -> None:
+        model = self.dense_model()
+        if self.cfg.runtime.dense_checkpoint:
+            st = load_checkpoint(self.cfg.runtime.dense_checkpoint, map_location=self.device)
+            model.load_state_dict(st.get("model", st))
+        else:
+            self._train_phase("dense", model, self.cfg.dense)
+        ev = evaluate(model, self.data()[1], device=self.device)
+        if is_main():
+            save_checkpoint(self.out / "dense.pt", {"model": model.state_dict()})
+        self._mark_done("train", {"test_acc": ev["acc"], "params": _params(model)})
+
+    def stage_plan(self) -> CompressionPlan:
+        model = self.dense_model()
+        c = self.cfg.compress
+        p = plan(
+            model,
+            c.format,
+            ranks=c.ranks,
+            target_ratio=c.target_ratio,
+            target_macs_reduction=c.target_macs_reduction,
+            include=c.include,
+            exclude=c.exclude,
+            lstm=c.lstm,
+            layout=c.layout,
+            overrides=c.overrides or None,
+            input_shape=self.input_shape(),
+        )
+        if is_main():
+            p.save(self.out / "plan.yaml")
+            print(p.summary(), flush=True)
+        self._mark_done("plan", {"ratio": p.ratio, "macs_reduction": p.macs_reduction})
+        return p
+
+    def stage_admm(self) -> None:
+        model = self.dense_model()
+        model.load_state_dict(load_checkpoint(self.out / "dense.pt", self.device)["model"])
+        res = self._train_phase("admm", model, self.cfg.admm, admm_cfg=self.cfg.admm)
+        admm = res["admm"]
+        if self.cfg.admm.epochs > 0:
+            admm.update()
+        ev = evaluate(model, self.data()[1], device=self.device)
+        resid = admm.residuals(decomposition_error=True)
+        if is_main():
+            save_checkpoint(
+                self.out / "admm.pt", {"model": model.state_dict(), "admm": admm.state_dict()}
+            )
+        self._mark_done("admm", {"test_acc": ev["acc"], "residuals": resid})
+
+    def stage_decompose(self) -> None:
+        model = self.dense_model()
+        src = "admm.pt" if (self.out / "admm.pt").exists() else "dense.pt"
+        model.load_state_dict(load_checkpoint(self.out / src, self.device)["model"])
+        new, report = decompose(model, self.load_plan())
+        new = self._prepare(new)
+        ev = evaluate(new, self.data()[1], device=self.device)
+        if is_main():
+            save_checkpoint(self.out / "decomposed.pt", {"model": new.state_dict()})
+            print(report, flush=True)
+        self._mark_done(
+            "decompose",
+            {
+                "test_acc": ev["acc"],
+                "errors": report.errors,
+                "params": report.params_after,
+                "source": src,
+            },
+        )
+
+    def stage_finetune(self) -> None:
+        model = self.compressed_model()
+        model.load_state_dict(load_checkpoint(self.out / "decomposed.pt", self.device)["model"])
+        self._train_phase("finetune", model, self.cfg.finetune)
+        ev = evaluate(model, self.data()[1], device=self.device)
+        if is_main():
+            save_checkpoint(self.out / "finetuned.pt", {"model": model.state_dict()})
+        self._mark_done("finetune", {"test_acc": ev["acc"]})
+
+    def stage_evaluate(self) -> dict[str, Any]:
+        st = self.state()["done"]
+        p = self.load_plan()
+        dense = self.dense_model()
+        result = {
+            "dense_acc": st.get("train", {}).get("test_acc"),
+            "dense_params": _params(dense),
+            "admm_acc": st.get("admm", {}).get("test_acc"),
+            "decomposed_acc": st.get("decompose", {}).get("test_acc"),
+            "finetuned_acc": None,
+            "compressed_params": p.compressed_params,
+            "ratio": p.ratio,
+            "layers_ratio": p.layers_ratio,
+            "macs_reduction": p.macs_reduction,
+            "format": self.cfg.compress.format,
+        }
+        if (self.out / "finetuned.pt").exists():
+            model = self.compressed_model()
+            model.load_state_dict(load_checkpoint(self.out / "finetuned.pt", self.device)["model"])
+            result["finetuned_acc"] = evaluate(model, self.data()[1], device=self.device)["acc"]
+            result["compressed_params"] = _params(model)
+        self._mark_done("evaluate", result)
+        return result
+
+    def stage_report(self) -> str:
+        from tdcompress.report import write_report
+
+        text = write_report(
+            self.out,
+            self.state()["done"].get("evaluate", {}),
+            self.log.read(),
+            self.load_plan(),
+            self.cfg,
+        )
+        self._mark_done("report", {"path": str(self.out / "report.md")})
+        return text
+
+    # ---------------------------------------------------------------- driver
+    def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, Any]:
+        """Run ``stages`` in order, skipping finished ones unless ``force``."""
+        for s in stages:
+            if s not in STAGES:
+                raise ValueError(f"unknown stage {s!r}; stages are {list(STAGES)}")
+        for s in stages:
+            if self.done(s) and not force and s not in ("evaluate", "report"):
+                if is_main():
+                    print(f"[{s}] already done, skipping", flush=True)
+                continue
+            getattr(self, f"stage_{s}")()
+        return self.state()["done"]
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _model_defaults(name: str, info: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``num_classes`` / input sizes from the dataset unless the config sets them."""
+    out = dict(kwargs)
+    if name in ("lenet5",):
+        out.setdefault("num_classes", info["num_classes"])
+        out.setdefault("in_channels", info["input_shape"][0])
+    elif name.startswith("resnet"):
+        out.setdefault("num_classes", info["num_classes"])
+    elif name == "mlp":
+        out.setdefault("num_classes", info["num_classes"])
+        out.setdefault("in_features", int(math.prod(info["input_shape"])))
+    return out

@@ -1,0 +1,550 @@
+"""CompressionPlan: which layers are compressed, in which format, at which shapes and ranks.
+
+The plan is the one record of a compression: ADMM, surgery, reports and checkpoints all
+read it, and it round-trips through YAML/JSON.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdcompress.formats import FactorSpec, LayerGeometry, get_format
+
+__all__ = ["LayerPlan", "CompressionPlan", "plan", "RATIO_TOLERANCE"]
+
+#: a solved target must be met within this relative tolerance
+RATIO_TOLERANCE = 0.03
+
+
+@dataclass
+class LayerPlan:
+    """One planned layer.
+
+    ``name`` is the module path; ``param`` the path of the weight parameter that ADMM
+    constrains (``"<name>.weight"``, or ``"<lstm>.weight_ih_l<k>"`` for an LSTM's
+    input-to-hidden matrix). ``input_hw`` (convs) and ``steps`` (LSTM time steps) are
+    recorded from an example forward pass and only used for MAC counts.
+    """
+
+    name: str
+    param: str
+    geometry: LayerGeometry
+    spec: FactorSpec
+    input_hw: tuple[int, int] | None = None
+    steps: int = 1
+
+    @property
+    def format(self):
+        return get_format(self.spec.format)
+
+    @property
+    def dense_params(self) -> int:
+        return self.geometry.dense_params
+
+    @property
+    def params(self) -> int:
+        return self.format.num_params(self.geometry, self.spec)
+
+    @property
+    def dense_macs(self) -> int | None:
+        if self.geometry.kind == "conv2d" and self.input_hw is None:
+            return None
+        return self.steps * self.geometry.dense_macs(self.input_hw)
+
+    @property
+    def macs(self) -> int | None:
+        if self.geometry.kind == "conv2d" and self.input_hw is None:
+            return None
+        return self.steps * self.format.macs(self.geometry, self.spec, self.input_hw)
+
+    def to_dict(self) -> dict[str, Any]:
+        g = self.geometry
+        geo = {"kind": g.kind, "out_features": g.out_features, "in_features": g.in_features}
+        if g.kind == "conv2d":
+            geo.update(
+                kernel_size=list(g.kernel_size),
+                stride=list(g.stride),
+                padding=list(g.padding),
+                dilation=list(g.dilation),
+                groups=g.groups,
+            )
+        geo["bias"] = g.bias
+        d = {"name": self.name, "param": self.param, "geometry": geo, **self.spec.to_dict()}
+        if self.input_hw is not None:
+            d["input_hw"] = list(self.input_hw)
+        if self.steps != 1:
+            d["steps"] = self.steps
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerPlan:
+        d = dict(d)
+        geo = dict(d.pop("geometry"))
+        for k in ("kernel_size", "stride", "padding", "dilation"):
+            if k in geo:
+                geo[k] = tuple(geo[k])
+        hw = d.pop("input_hw", None)
+        return cls(
+            name=d.pop("name"),
+            param=d.pop("param"),
+            geometry=LayerGeometry(**geo),
+            input_hw=tuple(hw) if hw is not None else None,
+            steps=int(d.pop("steps", 1)),
+            spec=FactorSpec.from_dict(d),
+        )
+
+
+@dataclass
+class CompressionPlan:
+    """The planned layers of one model plus the model's dense totals (for whole-model ratios)."""
+
+    layers: list[LayerPlan]
+    model_params: int
+    model_macs: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- totals
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name or lp.param == name:
+                return lp
+        raise KeyError(f"no planned layer named {name!r}; planned: {[lp.name for lp in self]}")
+
+    @property
+    def compressed_params(self) -> int:
+        """Parameters of the whole model after compression."""
+        return self.model_params - sum(lp.dense_params - lp.params for lp in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """Whole-model compression ratio: dense parameters / parameters after compression."""
+        return self.model_params / self.compressed_params
+
+    @property
+    def layers_ratio(self) -> float:
+        """Compression ratio of the planned layers only."""
+        return sum(lp.dense_params for lp in self) / max(1, sum(lp.params for lp in self))
+
+    @property
+    def compressed_macs(self) -> int | None:
+        if self.model_macs is None or any(lp.macs is None for lp in self):
+            return None
+        return self.model_macs - sum(lp.dense_macs - lp.macs for lp in self)  # type: ignore[operator]
+
+    @property
+    def macs_reduction(self) -> float | None:
+        c = self.compressed_macs
+        return None if c is None or self.model_macs is None else self.model_macs / max(1, c)
+
+    # ---------------------------------------------------------------- report
+    def summary(self) -> str:
+        """A per-layer table (shape, format, ranks, params and MACs before/after) and totals."""
+
+        def fmt_int(v: int | None) -> str:
+            return "-" if v is None else f"{v:,}"
+
+        rows = [("layer", "shape", "format", "ranks", "params", "params TD", "MACs", "MACs TD")]
+        for lp in self:
+            s = lp.spec
+            shape = "x".join(map(str, lp.geometry.weight_shape))
+            if s.out_factors:
+                outs = "x".join(map(str, s.out_factors))
+                ins = "x".join(map(str, s.in_factors or ()))
+                shape += f" ({outs} | {ins})"
+            fmt = s.format + (f"/{s.layout}" if s.layout else "")
+            rows.append(
+                (
+                    lp.name,
+                    shape,
+                    fmt,
+                    ",".join(map(str, s.ranks)),
+                    fmt_int(lp.dense_params),
+                    fmt_int(lp.params),
+                    fmt_int(lp.dense_macs),
+                    fmt_int(lp.macs),
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append("")
+        lines.append(
+            f"whole model: {self.model_params:,} -> {self.compressed_params:,} params "
+            f"({self.ratio:.2f}x)"
+        )
+        lines.append(f"planned layers only: {self.layers_ratio:.2f}x")
+        if self.macs_reduction is not None:
+            lines.append(
+                f"MACs: {self.model_macs:,} -> {self.compressed_macs:,} "
+                f"({self.macs_reduction:.2f}x fewer)"
+            )
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model_params": self.model_params,
+            "layers": [lp.to_dict() for lp in self.layers],
+        }
+        if self.model_macs is not None:
+            d["model_macs"] = self.model_macs
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CompressionPlan:
+        allowed = {"model_params", "model_macs", "layers", "meta"}
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(
+                f"unknown plan keys {sorted(unknown)}; allowed keys are {sorted(allowed)}"
+            )
+        return cls(
+            layers=[LayerPlan.from_dict(x) for x in d["layers"]],
+            model_params=int(d["model_params"]),
+            model_macs=d.get("model_macs"),
+            meta=dict(d.get("meta") or {}),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as YAML (``.yaml``/``.yml``) or JSON (any other suffix), atomically."""
+        import yaml
+
+        path = Path(path)
+        text = (
+            yaml.safe_dump(self.to_dict(), sort_keys=False)
+            if path.suffix in (".yaml", ".yml")
+            else json.dumps(self.to_dict(), indent=2)
+        )
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CompressionPlan:
+        import yaml
+
+        text = Path(path).read_text()
+        return cls.from_dict(yaml.safe_load(text))  # YAML is a superset of JSON
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a clear error if ``model`` does not contain every planned weight."""
+        params = dict(model.named_parameters())
+        missing = [lp.param for lp in self if lp.param not in params]
+        if missing:
+            raise ValueError(
+                f"the model does not contain the planned weights {missing}; "
+                f"was it already decomposed, or is this the plan of another model?"
+            )
+        for lp in self:
+            got = tuple(params[lp.param].shape)
+            if got != lp.geometry.weight_shape:
+                raise ValueError(
+                    f"{lp.param}: weight shape {got} differs from the planned "
+                    f"{lp.geometry.weight_shape}"
+                )
+
+
+# -------------------------------------------------------------------- planning
+def _candidates(model: nn.Module, lstm: bool) -> list[tuple[str, str, nn.Module, LayerGeometry]]:
+    """(name, param, module, geometry) for every layer a format can take, in module order."""
+    out = []
+    for name, mod in model.named_modules():
+        if type(mod) in (nn.Linear, nn.Conv2d):
+            out.append((name, f"{name}.weight", mod, LayerGeometry.from_module(mod)))
+        elif lstm and type(mod) is nn.LSTM:
+            if mod.proj_size or mod.bidirectional:
+                continue
+            for k in range(mod.num_layers):
+                w = getattr(mod, f"weight_ih_l{k}")
+                geo = LayerGeometry.linear(w.shape[1], w.shape[0], bias=False)
+                out.append((f"{name}.l{k}", f"{name}.weight_ih_l{k}", mod, geo))
+    return out
+
+
+def _default_selection(cands: list) -> list:
+    """The paper's default: convs larger than 1x1 and Linears, minus the first conv and the
+    last Linear (the classifier); LSTM input matrices are kept when asked for."""
+    convs = [c for c in cands if c[3].kind == "conv2d" and type(c[2]) is nn.Conv2d]
+    lins = [c for c in cands if type(c[2]) is nn.Linear]
+    drop = set()
+    if convs:
+        drop.add(convs[0][0])
+    if lins:
+        drop.add(lins[-1][0])
+    keep = []
+    for c in cands:
+        if c[0] in drop:
+            continue
+        g = c[3]
+        if g.kind == "conv2d" and (g.kernel_size == (1, 1) or g.groups != 1):
+            continue
+        keep.append(c)
+    return keep
+
+
+def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[str, Any]:
+    """Input sizes of every Conv2d (hw) and LSTM (time steps) from one example forward pass,
+    and the dense MACs of all Conv2d/Linear/LSTM layers."""
+    if input_shape is None:
+        return {}
+    seen: dict[str, Any] = {}
+    hooks = []
+
+    def hook(name: str) -> Callable:
+        def f(mod: nn.Module, args: tuple, out: Any) -> None:
+            x = args[0]
+            if isinstance(mod, nn.Conv2d):
+                seen[name] = ("conv", tuple(x.shape[-2:]), tuple(out.shape[-2:]))
+            elif isinstance(mod, nn.LSTM):
+                t = x.shape[1] if mod.batch_first else x.shape[0]
+                seen[name] = ("lstm", int(t))
+            elif isinstance(mod, nn.Linear):
+                seen[name] = ("linear", int(math.prod(x.shape[1:-1])) if x.dim() > 2 else 1)
+
+        return f
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear, nn.LSTM)):
+            hooks.append(mod.register_forward_hook(hook(name)))
+    p = next(model.parameters(), None)
+    x = torch.zeros(*input_shape, device=p.device if p is not None else None)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    macs = 0
+    for name, mod in model.named_modules():
+        if name not in seen:
+            continue
+        info = seen[name]
+        if info[0] == "conv":
+            macs += LayerGeometry.from_module(mod).dense_macs(info[1])
+        elif info[0] == "linear":
+            macs += info[1] * mod.in_features * mod.out_features
+        else:
+            h = mod.hidden_size
+            for k in range(mod.num_layers):
+                i = mod.input_size if k == 0 else h
+                macs += info[1] * 4 * h * (i + h)
+    seen["__macs__"] = macs
+    return seen
+
+
+def _match(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def plan(
+    model: nn.Module,
+    format: str = "tt",
+    *,
+    ranks: int | Sequence[int] | Mapping[str, int | Sequence[int]] | None = None,
+    target_ratio: float | None = None,
+    target_macs_reduction: float | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    lstm: bool = False,
+    layout: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> CompressionPlan:
+    """Plan the compression of ``model``.
+
+    Selection: with ``include=None`` the paper's default (every Conv2d larger than 1x1 and
+    every Linear except the first conv and the last Linear; LSTM input-to-hidden matrices,
+    named ``"<lstm>.l<k>"``, if ``lstm=True``); otherwise the Conv2d/Linear (and LSTM) layers
+    whose names match a glob in ``include``. ``exclude`` globs remove layers either way.
+    Every ``include`` pattern must match at least one layer.
+
+    Ranks: exactly one of ``ranks`` (an int for every bond of every layer, a per-bond list
+    for every layer, or a mapping from layer-name glob to either), ``target_ratio``
+    (whole-model parameter ratio, dense / compressed) or ``target_macs_reduction`` (needs
+    ``input_shape``). Solved targets use equal ranks inside a layer, as in the paper, and
+    must be met within 3%, else a ValueError names the closest reachable value.
+
+    ``overrides`` maps a layer name to spec fields (``format``, ``ranks``, ``out_factors``,
+    ``in_factors``, ``layout``). ``input_shape`` (e.g. ``(1, 3, 32, 32)``) enables MAC counts.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    get_format(format)  # validates the name
+    given = [v is not None for v in (ranks, target_ratio, target_macs_reduction)]
+    if sum(given) != 1:
+        raise ValueError(
+            "give exactly one of ranks, target_ratio or target_macs_reduction "
+            f"(got ranks={ranks!r}, target_ratio={target_ratio!r}, "
+            f"target_macs_reduction={target_macs_reduction!r})"
+        )
+    overrides = dict(overrides or {})
+    cands = _candidates(model, lstm or bool(include and any(".l" in p for p in include)))
+    names = [c[0] for c in cands]
+    if include is None:
+        chosen = _default_selection(cands)
+        if not lstm:
+            chosen = [c for c in chosen if type(c[2]) is not nn.LSTM]
+    else:
+        if isinstance(include, str):
+            include = [include]
+        for p in include:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ValueError(
+                    f"include pattern {p!r} matches no Conv2d/Linear/LSTM layer; layers are {names}"
+                )
+        chosen = [c for c in cands if _match(c[0], include)]
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    chosen = [c for c in chosen if not _match(c[0], exclude)]
+    for n in overrides:
+        if n not in {c[0] for c in chosen}:
+            raise ValueError(
+                f"overrides name {n!r}, which is not a planned layer; "
+                f"planned: {[c[0] for c in chosen]}"
+            )
+    if not chosen:
+        raise ValueError(f"no layer selected for compression; layers are {names}")
+
+    shapes = _trace_shapes(model, input_shape)
+    model_params = sum(p.numel() for p in model.parameters())
+    model_macs = shapes.get("__macs__")
+
+    def make(rank_for: Callable[[str], Any]) -> CompressionPlan:
+        layers = []
+        for name, param, mod, geo in chosen:
+            ov = dict(overrides.get(name, {}))
+            fmt = get_format(ov.pop("format", format))
+            r = ov.pop("ranks", None) or rank_for(name)
+            spec = fmt.resolve(
+                geo,
+                r,
+                out_factors=_tuple(ov.pop("out_factors", None)),
+                in_factors=_tuple(ov.pop("in_factors", None)),
+                layout=ov.pop("layout", layout),
+                layer_name=name,
+            )
+            if ov:
+                raise ValueError(f"overrides[{name!r}] has unknown keys {sorted(ov)}")
+            hw, steps = None, 1
+            info = shapes.get(name.rsplit(".l", 1)[0] if type(mod) is nn.LSTM else name)
+            if info and info[0] == "conv":
+                hw = info[1]
+            elif info and info[0] in ("lstm", "linear"):
+                steps = info[1]
+            layers.append(LayerPlan(name, param, geo, spec, hw, steps))
+        return CompressionPlan(layers, model_params, model_macs)
+
+    if ranks is not None:
+        if isinstance(ranks, Mapping):
+            rmap = dict(ranks)
+
+            def rank_for(name: str) -> Any:
+                for pat, r in rmap.items():
+                    if fnmatch.fnmatchcase(name, pat):
+                        return r
+                raise ValueError(
+                    f"ranks has no entry matching layer {name!r}; patterns: {list(rmap)}"
+                )
+
+            return make(rank_for)
+        return make(lambda name: ranks)
+
+    if target_ratio is not None:
+        return _solve(make, chosen, float(target_ratio), "ratio", lambda p: p.ratio)
+    if input_shape is None:
+        raise ValueError("target_macs_reduction needs input_shape to count MACs")
+    return _solve(
+        make, chosen, float(target_macs_reduction), "MAC reduction", lambda p: p.macs_reduction
+    )
+
+
+def _tuple(v: Any) -> tuple[int, ...] | None:
+    return None if v is None else tuple(int(a) for a in v)
+
+
+def _solve(
+    make: Callable[[Callable[[str], Any]], CompressionPlan],
+    chosen: list,
+    target: float,
+    what: str,
+    measure: Callable[[CompressionPlan], float],
+) -> CompressionPlan:
+    """Equal ranks in every layer, as large as the target allows; then single layers one
+    rank up, smallest cost first, to land as close to the target as possible."""
+    if not math.isfinite(target) or target <= 1.0:
+        raise ValueError(f"target {what} must be a finite number > 1, got {target}")
+    names = [c[0] for c in chosen]
+    memo: dict[tuple[int, ...], CompressionPlan] = {}
+
+    def at(ranks: tuple[int, ...]) -> CompressionPlan:
+        if ranks not in memo:
+            rm = dict(zip(names, ranks))
+            memo[ranks] = make(lambda n: rm[n])
+        return memo[ranks]
+
+    lo_plan = at((1,) * len(names))
+    best_reach = measure(lo_plan)
+    if best_reach < target * (1 - RATIO_TOLERANCE):
+        raise ValueError(
+            f"target {what} {target:g} is unreachable: the highest reachable value with these "
+            f"layers and formats is {best_reach:.3g} (every rank 1)"
+        )
+    # largest uniform rank r with measure >= target (measure decreases as ranks grow)
+    lo, hi = 1, 1
+    while measure(at((hi,) * len(names))) >= target:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 16:
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(at((mid,) * len(names))) >= target:
+            lo = mid
+        else:
+            hi = mid
+    ranks = [lo] * len(names)
+    best = at(tuple(ranks))
+    # raise single layers by one rank while we stay at or above the target
+    improved = True
+    while improved:
+        improved = False
+        trials = []
+        for i in range(len(names)):
+            r2 = list(ranks)
+            r2[i] += 1
+            p = at(tuple(r2))
+            if measure(p) >= target and measure(p) < measure(best):
+                trials.append((measure(p), i, r2, p))
+        if trials:
+            _, _, ranks, best = min(trials, key=lambda t: t[0])
+            improved = True
+    # the uniform rank one above may be closer from below
+    cands = [best, at((lo + 1,) * len(names))]
+    best = min(cands, key=lambda p: abs(measure(p) / target - 1))
+    got = measure(best)
+    if abs(got / target - 1) > RATIO_TOLERANCE:
+        raise ValueError(
+            f"target {what} {target:g} cannot be met within {RATIO_TOLERANCE:.0%}: the closest "
+            f"reachable value is {got:.3g}"
+        )
+    best.meta = {f"target_{what.replace(' ', '_').lower()}": target}
+    return best

@@ -1,0 +1,122 @@
+"""Run reports: the result table (text and markdown) and plots of a pipeline run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tdcompress.planning import CompressionPlan
+from tdcompress.train.checkpoint import atomic_write_text
+
+__all__ = ["result_table", "write_report"]
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def result_table(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows of the final comparison."""
+    fmt = r.get("format", "tt").upper()
+    rows = [
+        ("dense accuracy", _pct(r.get("dense_acc"))),
+        ("dense parameters", f"{r['dense_params']:,}" if r.get("dense_params") else "-"),
+        ("ADMM-trained dense accuracy", _pct(r.get("admm_acc"))),
+        (f"{fmt} accuracy before fine-tuning", _pct(r.get("decomposed_acc"))),
+        (f"{fmt} accuracy after fine-tuning", _pct(r.get("finetuned_acc"))),
+        (f"{fmt} parameters", f"{r['compressed_params']:,}" if r.get("compressed_params") else "-"),
+        ("whole-model compression ratio", f"{r['ratio']:.2f}x" if r.get("ratio") else "-"),
+        ("compressed layers only", f"{r['layers_ratio']:.2f}x" if r.get("layers_ratio") else "-"),
+        ("MAC reduction", f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else "-"),
+    ]
+    return rows
+
+
+def _text_table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows)
+
+
+def write_report(
+    out: Path,
+    result: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    plan: CompressionPlan,
+    cfg: Any,
+) -> str:
+    """Write ``report.md`` (+ plots when matplotlib is installed) into ``out``; returns the
+    plain-text result table."""
+    out = Path(out)
+    rows = result_table(result)
+    md = [f"# Compression report: {cfg.name}", "", "| | |", "|---|---|"]
+    md += [f"| {a} | {b} |" for a, b in rows]
+    md += ["", "## Plan", "", "```", plan.summary(), "```", ""]
+    plots = _plots(out, metrics, plan)
+    for p in plots:
+        md.append(f"![{p.stem}]({p.name})")
+    md += [
+        "",
+        "Metrics per epoch: `metrics.jsonl`; the plan: `plan.yaml`; the config: `config.json`.",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return _text_table(rows)
+
+
+def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    if metrics:
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        x = 0
+        for phase in ("dense", "admm", "finetune"):
+            recs = [m for m in metrics if m.get("phase") == phase]
+            if not recs:
+                continue
+            xs = list(range(x + 1, x + len(recs) + 1))
+            ax[0].plot(xs, [m["train_loss"] for m in recs], label=phase)
+            ax[1].plot(xs, [100 * m["test_acc"] for m in recs], label=phase)
+            x += len(recs)
+        ax[0].set(xlabel="epoch (all phases)", ylabel="training loss", yscale="log")
+        ax[1].set(xlabel="epoch (all phases)", ylabel="test accuracy (%)")
+        for a in ax:
+            a.legend()
+            a.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(out / "curves.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+        recs = [m for m in metrics if m.get("phase") == "admm"]
+        keys = sorted({k for m in recs for k in m if k.startswith("admm/primal/")})
+        if keys:
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            for k in keys:
+                ax.plot(
+                    [m["epoch"] for m in recs], [m[k] for m in recs], label=k[len("admm/primal/") :]
+                )
+            ax.set(xlabel="ADMM epoch", ylabel="||W - Z|| / ||W||", yscale="log")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            paths.append(out / "admm_residuals.png")
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
+    if len(plan):
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+        names = [lp.name for lp in plan]
+        ax[0].bar(names, [max(lp.spec.ranks) for lp in plan])
+        ax[0].set(ylabel="max rank per layer")
+        ax[1].bar(names, [lp.dense_params / max(1, lp.params) for lp in plan])
+        ax[1].set(ylabel="layer compression (x)", yscale="log")
+        for a in ax:
+            a.tick_params(axis="x", rotation=70, labelsize=7)
+        fig.tight_layout()
+        paths.append(out / "ranks.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
