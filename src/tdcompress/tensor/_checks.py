@@ -25,8 +25,10 @@ def check_tensor(x: object, name: str = "x", min_ndim: int = 1) -> torch.Tensor:
         )
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    # One device sync: the only way to refuse NaN/Inf instead of returning garbage.
-    if not bool(torch.isfinite(x).all()):
+    # One device sync: the only way to refuse NaN/Inf instead of returning garbage. A sum
+    # is NaN/Inf iff an entry is (or the values overflow, which is refused as well) and
+    # costs one read of x, several times cheaper than isfinite().all().
+    if not bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else None))):
         raise ValueError(f"{name} contains NaN or Inf values")
     return x
 

@@ -18,6 +18,20 @@ from __future__ import annotations
 import torch
 
 METHODS = ("gram", "svd")
+#: what "gram" escalates to when its guard fires: float64 Gram, then LAPACK SVD
+_ESCALATION = ("gram", "gram64", "svd")
+
+
+def run_with_fallback(fn, method: str):
+    """``fn(method) -> (result, flags)``; with ``"gram"``, rerun with a float64 Gram
+    matrix and then with the LAPACK SVD while any step's guard fires (one sync each)."""
+    if method != "gram":
+        return fn(method)[0]
+    for m in _ESCALATION:
+        result, flags = fn(m)
+        if m == "svd" or not any_flag(flags):
+            return result
+    raise AssertionError("unreachable")
 
 
 def check_method(method: str) -> str:
@@ -72,21 +86,25 @@ def truncate(
         Q, R = torch.linalg.qr(M)
         return Q, R, None, 0.0
     wide = m <= n
-    w, V = torch.linalg.eigh((M @ M.mT if wide else M.mT @ M).double())
-    w, V = w.flip(-1).clamp_min(0), V.flip(-1)
+    Mg = M.double() if method == "gram64" else M
+    # the Gram matrix is accurate to ~eps * ||M||^2 in its dtype; an eigh in that same
+    # dtype loses nothing more, and the guard below catches what it cannot resolve
+    w, V = torch.linalg.eigh(Mg @ Mg.mT if wide else Mg.mT @ Mg)
+    w, V = w.flip(-1).clamp_min(0).double(), V.flip(-1)
     used = 0.0
     if tol:
         k = rank_for_tolerance(w, budget_sq, k)
         used = float(w[k:].sum())
-    flag = _guard(w, k, M.dtype)
+    flag = _guard(w, k, Mg.dtype)
+    V = V.to(M.dtype)
     if wide or singular_vectors:
         if not wide:  # left singular vectors from the right ones: U = M V / s
             s = w[..., :k].sqrt().clamp_min(torch.finfo(M.dtype).tiny)
-            Q = (M.double() @ V[..., :k]) / s[..., None, :]
+            Q = (M.double() @ V[..., :k].double()) / s[..., None, :]
             return Q.to(M.dtype), (Q.mT @ M.double()).to(M.dtype), flag, used
-        Q = V[..., :k].to(M.dtype)
+        Q = V[..., :k]
     else:
-        Q, _ = torch.linalg.qr(M @ V[..., :k].to(M.dtype))  # spans the top-k left subspace
+        Q, _ = torch.linalg.qr(M @ V[..., :k])  # spans the top-k left subspace
     return Q, Q.mT @ M, flag, used
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tdcompress.tensor._checks import check_rank, check_tensor, working_dtype
-from tdcompress.tensor._linalg import any_flag, check_method, truncate
+from tdcompress.tensor._linalg import check_method, run_with_fallback, truncate
 
 __all__ = ["lowrank_svd", "lowrank_project"]
 
@@ -24,9 +24,11 @@ def lowrank_svd(
     rank = check_rank(rank, "rank")
     check_method(method)
     xw = x.to(working_dtype(x))
-    A, B, flag, _ = truncate(xw, rank, method)
-    if method == "gram" and any_flag([flag]):
-        A, B, _, _ = truncate(xw, rank, "svd")
+    def run(m: str):
+        A, B, flag, _ = truncate(xw, rank, m)
+        return (A, B), [flag]
+
+    A, B = run_with_fallback(run, method)
     if balanced:  # SVD of the small factor B only: (r x n)
         U, S, Vh = torch.linalg.svd(B, full_matrices=False)
         s = S.sqrt()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from tdcompress.tensor._checks import check_shape, check_tensor, expand_ranks, working_dtype
-from tdcompress.tensor._linalg import any_flag, check_method, truncate
+from tdcompress.tensor._linalg import check_method, run_with_fallback, truncate
 from tdcompress.tensor.tt import _check_cores, tt_sweep
 
 __all__ = ["tr_svd", "tr_to_tensor", "tr_project", "tr_clip_ranks"]
@@ -66,9 +66,7 @@ def tr_svd(
         cores, flags = tt_sweep(rest, shape[1:], r[1], r[0], r[2:], meth, None)
         return [first.contiguous(), *cores], [flag, *flags]
 
-    cores, flags = run(method)
-    if method == "gram" and any_flag(flags):
-        cores, _ = run("svd")
+    cores = run_with_fallback(run, method)
     return [c.to(x.dtype) for c in cores]
 
 

@@ -14,7 +14,7 @@ from tdcompress.tensor._checks import (
     expand_ranks,
     working_dtype,
 )
-from tdcompress.tensor._linalg import any_flag, check_method, truncate
+from tdcompress.tensor._linalg import check_method, run_with_fallback, truncate
 
 __all__ = ["tt_svd", "tt_to_tensor", "tt_project", "tt_max_ranks", "tt_clip_ranks", "tt_ranks"]
 
@@ -135,9 +135,7 @@ def tt_svd(
     budget = None
     if tol is not None:
         budget = (tol * float(torch.linalg.vector_norm(xw.double()))) ** 2 / (len(shape) - 1)
-    cores, flags = tt_sweep(xw, shape, 1, 1, clipped, method, budget)
-    if method == "gram" and any_flag(flags):
-        cores, _ = tt_sweep(xw, shape, 1, 1, clipped, "svd", budget)
+    cores = run_with_fallback(lambda m: tt_sweep(xw, shape, 1, 1, clipped, m, budget), method)
     return [c.to(x.dtype) for c in cores]
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from tdcompress.tensor._checks import check_tensor, expand_ranks, working_dtype
-from tdcompress.tensor._linalg import any_flag, check_method, truncate
+from tdcompress.tensor._linalg import check_method, run_with_fallback, truncate
 
 __all__ = ["tucker", "tucker_to_tensor", "tucker_project"]
 
@@ -81,9 +81,7 @@ def tucker(
     modes = _check_modes(modes, x.dim())
     r = expand_ranks(ranks, len(modes))
     xw = x.to(working_dtype(x))
-    factors, flags = _factors(xw, r, modes, n_iter, method)
-    if method == "gram" and any_flag(flags):
-        factors, _ = _factors(xw, r, modes, n_iter, "svd")
+    factors = run_with_fallback(lambda m: _factors(xw, r, modes, n_iter, m), method)
     core = xw
     for m, U in zip(modes, factors):
         core = mode_product(core, U.mT, m)
