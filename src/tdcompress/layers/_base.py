@@ -1,0 +1,510 @@
+"""Shared machinery of the factorized layers: contraction planning and a base module.
+
+:func:`plan_network` finds the cheapest pairwise contraction order (exact dynamic
+programming over subsets, cost = multiply-accumulates) of a small tensor network and
+returns it as a list of ``torch.einsum`` steps. :class:`RingStructure` describes a TT or
+tensor-ring layer (a TT is a ring whose closing bond has size 1) in one of the layouts of
+:mod:`tdcompress.formats.layouts` and plans its forward for a given input shape, choosing
+between the factorized contraction orders and reconstruct-then-dense-op. The formats count
+MACs with the same planner, so ``Format.macs`` is what the single-sample forward does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from string import ascii_letters
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdcompress.formats import layouts
+from tdcompress.formats.base import FactorSpec, LayerGeometry, get_format
+
+__all__ = [
+    "Steps",
+    "plan_network",
+    "run_steps",
+    "RingStructure",
+    "ConvPlan",
+    "FactorizedLayer",
+]
+
+#: ``(i, j, equation)``: operands ``i`` and ``j`` of the growing operand list are contracted
+#: by ``torch.einsum(equation, ...)`` and the result is appended to the list.
+Steps = tuple[tuple[int, int, str], ...]
+
+
+def plan_network(
+    inputs: Sequence[Sequence[str]], output: Sequence[str], sizes: dict[str, int]
+) -> tuple[Steps, int]:
+    """Cheapest pairwise contraction order of a tensor network and its MAC count.
+
+    ``inputs``: index labels of each operand; ``output``: labels of the result, in order;
+    ``sizes``: size of every label. A pairwise contraction costs the product of the sizes
+    of all labels of its two operands. Exact DP over subsets (fine for <= ~10 operands).
+    """
+    n = len(inputs)
+    if n == 1:
+        raise ValueError("a network needs at least two operands")
+    occ: dict[str, int] = {}
+    for k, labs in enumerate(inputs):
+        for lab in labs:
+            occ[lab] = occ.get(lab, 0) | (1 << k)
+    out_set = set(output)
+    full = (1 << n) - 1
+    order = list(occ)  # first-appearance order, for deterministic intermediate layouts
+
+    keep: dict[int, tuple[str, ...]] = {}
+
+    def kept(mask: int) -> tuple[str, ...]:
+        if mask not in keep:
+            if mask == full:
+                keep[mask] = tuple(output)
+            elif mask & (mask - 1) == 0:
+                keep[mask] = tuple(inputs[mask.bit_length() - 1])
+            else:
+                keep[mask] = tuple(
+                    lab
+                    for lab in order
+                    if occ[lab] & mask and (occ[lab] & ~mask & full or lab in out_set)
+                )
+        return keep[mask]
+
+    best: dict[int, tuple[int, int]] = {1 << k: (0, 0) for k in range(n)}
+    for mask in range(1, full + 1):
+        if mask & (mask - 1) == 0:
+            continue
+        cand: tuple[int, int] | None = None
+        sub = (mask - 1) & mask
+        while sub:
+            other = mask ^ sub
+            if sub < other and sub in best and other in best:
+                labs = set(kept(sub)) | set(kept(other))
+                c = best[sub][0] + best[other][0] + math.prod(sizes[x] for x in labs)
+                if cand is None or c < cand[0]:
+                    cand = (c, sub)
+            sub = (sub - 1) & mask
+        assert cand is not None
+        best[mask] = cand
+
+    letters: dict[str, str] = {}
+    for lab in order:
+        letters[lab] = ascii_letters[len(letters)]
+    steps: list[tuple[int, int, str]] = []
+
+    def emit(mask: int) -> int:
+        if mask & (mask - 1) == 0:
+            return mask.bit_length() - 1
+        sub = best[mask][1]
+        i, j = emit(sub), emit(mask ^ sub)
+        eq = "".join(letters[x] for x in kept(sub)) + ","
+        eq += "".join(letters[x] for x in kept(mask ^ sub)) + "->"
+        eq += "".join(letters[x] for x in kept(mask))
+        steps.append((i, j, eq))
+        return n + len(steps) - 1
+
+    emit(full)
+    return tuple(steps), best[full][0]
+
+
+def run_steps(steps: Steps, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Execute a plan of :func:`plan_network` on ``operands``."""
+    ops = list(operands)
+    for i, j, eq in steps:
+        ops.append(torch.einsum(eq, ops[i], ops[j]))
+    return ops[-1]
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """How a conv forward runs for one input shape: ``kind`` is ``"dense"``
+    (reconstruct, one conv), ``"factored"`` (input stage, small conv, output stage),
+    ``"merge_in"`` (kernel merged with the input cores), ``"merge_out"`` (kernel merged with
+    the output cores) or, for Garipov's layout, ``"spatial_first"``."""
+
+    kind: str
+    macs: int
+    pre: Steps = ()  # network before the conv (input stage)
+    weight: Steps = ()  # network giving the conv weight from cores
+    post: Steps = ()  # network after the conv (output stage)
+
+
+class RingStructure:
+    """Shapes, labels and planning of a TT/TR layer (no parameters).
+
+    ``ranks`` are the d+1 ring ranks ``[r_0, ..., r_d]`` with ``r_d = r_0`` (a TT has
+    ``r_0 = 1``) over the ``d`` modes of ``layout``'s tensor.
+    """
+
+    def __init__(
+        self,
+        layout: str,
+        out_factors: Sequence[int],
+        in_factors: Sequence[int],
+        kernel_size: Sequence[int],
+        ranks: Sequence[int],
+    ) -> None:
+        self.layout = layout
+        self.of = tuple(int(v) for v in out_factors)
+        self.inf = tuple(int(v) for v in in_factors)
+        self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
+        self.ranks = tuple(int(r) for r in ranks)
+        self.shapes = layouts.core_shapes(layout, self.of, self.inf, self.kernel_size, self.ranks)
+        d = len(self.shapes)
+        if len(self.ranks) != d + 1 or self.ranks[0] != self.ranks[-1]:
+            raise ValueError(f"ranks must have {d + 1} entries with r_d = r_0, got {self.ranks}")
+        R = [f"R{k}" for k in range(d)] + ["R0"]
+        O = [f"O{k}" for k in range(len(self.of))]
+        I = [f"I{k}" for k in range(len(self.inf))]
+        self.O, self.I, self.R = O, I, R
+        sizes = {f"R{k}": self.ranks[k] for k in range(d)}
+        sizes.update(zip(O, self.of))
+        sizes.update(zip(I, self.inf))
+        sizes.update(KH=self.kernel_size[0], KW=self.kernel_size[1])
+        self.sizes = sizes
+        if layout == "matrix":
+            self.labels = [(R[k], O[k], I[k], R[k + 1]) for k in range(d)]
+            dense_out = [x for k in range(d) for x in (O[k], I[k])]
+        elif layout == "channel":
+            a = len(O)
+            self.labels = [(R[k], O[k], R[k + 1]) for k in range(a)]
+            self.labels.append((R[a], "KH", "KW", R[a + 1]))
+            self.labels += [(R[a + 1 + k], I[k], R[a + 2 + k]) for k in range(len(I))]
+            dense_out = [*O, "KH", "KW", *I]
+        else:
+            self.labels = [(R[0], "KH", "KW", R[1])]
+            self.labels += [(R[k + 1], O[k], I[k], R[k + 2]) for k in range(len(O))]
+            dense_out = ["KH", "KW"] + [x for k in range(len(O)) for x in (O[k], I[k])]
+        self.dense_steps, self.dense_macs = plan_network(self.labels, dense_out, sizes)
+        self.num_core_params = sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def out_features(self) -> int:
+        return math.prod(self.of)
+
+    @property
+    def in_features(self) -> int:
+        return math.prod(self.inf)
+
+    def reconstruct(self, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The dense weight from the cores (differentiable), through the layout."""
+        t = run_steps(self.dense_steps, cores)
+        shape = layouts.tensor_shape(self.layout, self.of, self.inf, self.kernel_size)
+        return layouts.tensor_to_weight(
+            t.reshape(shape), self.layout, self.of, self.inf, self.kernel_size
+        )
+
+    # ---- planning -------------------------------------------------------------------
+    def plan_linear(self, batch: int) -> tuple[Steps, int]:
+        """Cheapest full contraction of ``x (B, n_1..n_d)`` with the cores (it includes
+        reconstruct-then-matmul when cheaper)."""
+        sizes = dict(self.sizes, B=batch)
+        return plan_network([("B", *self.I), *self.labels], ("B", *self.O), sizes)
+
+    def plan_conv(
+        self,
+        batch: int,
+        in_hw: tuple[int, int],
+        out_hw: tuple[int, int],
+        kind: str | None = None,
+    ) -> ConvPlan:
+        """Cheapest conv forward for a ``(batch, I, *in_hw)`` input (output ``out_hw``);
+        ``kind`` forces one of the :class:`ConvPlan` kinds (for tests and benchmarks)."""
+        P, Q = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+        k = self.kernel_size[0] * self.kernel_size[1]
+        sizes = dict(self.sizes, B=batch, P=P, Q=Q)
+        O, I, R, L = self.O, self.I, self.R, self.labels
+        n_o, n_i = self.out_features, self.in_features
+        r0 = self.ranks[0]
+        dense_conv = batch * Q * n_o * n_i * k
+        cands = [ConvPlan("dense", self.dense_macs + dense_conv, weight=self.dense_steps)]
+        if self.layout == "channel":
+            a = len(O)
+            ra, ra1 = self.ranks[a], self.ranks[a + 1]
+            out_cores, kern, in_cores = L[:a], L[a], L[a + 1 :]
+            pre, pre_m = plan_network(
+                [("B", *I, "P"), *in_cores], ("B", "R0", R[a + 1], "P"), sizes
+            )
+            post, post_m = plan_network([("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes)
+            cands.append(
+                ConvPlan("factored", pre_m + batch * Q * r0 * ra * ra1 * k + post_m, pre, (), post)
+            )
+            w_in, w_in_m = plan_network([kern, *in_cores], ("R0", R[a], *I, "KH", "KW"), sizes)
+            cands.append(
+                ConvPlan(
+                    "merge_in", w_in_m + batch * Q * r0 * ra * n_i * k + post_m, (), w_in, post
+                )
+            )
+            w_out, w_out_m = plan_network(
+                [*out_cores, kern], (*O, "R0", R[a + 1], "KH", "KW"), sizes
+            )
+            cands.append(
+                ConvPlan("merge_out", pre_m + w_out_m + batch * Q * n_o * r0 * ra1 * k, pre, w_out)
+            )
+        elif self.layout == "garipov":
+            r1 = self.ranks[1]
+            post, post_m = plan_network([("B", *I, "R0", R[1], "Q"), *L[1:]], ("B", *O, "Q"), sizes)
+            cands.append(
+                ConvPlan("spatial_first", batch * n_i * r0 * r1 * k * Q + post_m, post=post)
+            )
+        else:
+            raise ValueError(f"layout {self.layout!r} is not a convolution layout")
+        order = {"dense": 0, "merge_in": 1, "merge_out": 2, "factored": 3, "spatial_first": 3}
+        if kind is not None:
+            forced = [p for p in cands if p.kind == kind]
+            if not forced:
+                raise ValueError(
+                    f"kind must be one of {[p.kind for p in cands]} for layout "
+                    f"{self.layout!r}, got {kind!r}"
+                )
+            return forced[0]
+        return min(cands, key=lambda p: (p.macs, order[p.kind]))
+
+    def count_macs(
+        self, geometry: LayerGeometry, input_hw: tuple[int, int] | None, batch: int = 1
+    ) -> int:
+        """MACs of the planned forward for ``batch`` samples (bias not counted)."""
+        if geometry.kind == "linear":
+            return self.plan_linear(batch)[1]
+        if input_hw is None:
+            raise ValueError("input_hw is required to count the MACs of a conv2d layer")
+        hw = (int(input_hw[0]), int(input_hw[1]))
+        return self.plan_conv(batch, hw, geometry.output_hw(hw)).macs
+
+
+def ring_ranks(format_name: str, spec_ranks: Sequence[int]) -> tuple[int, ...]:
+    """The d+1 ring ranks of a resolved TT (d-1 bond ranks) or TR (d ranks) spec."""
+    r = tuple(int(v) for v in spec_ranks)
+    if format_name == "tt":
+        return (1, *r, 1)
+    return (*r, r[0])
+
+
+def structure_of(geometry: LayerGeometry, spec: FactorSpec) -> RingStructure:
+    layout = spec.layout or "matrix"
+    if spec.out_factors is None or spec.in_factors is None:
+        raise ValueError("the spec must be resolved (out_factors and in_factors set)")
+    return RingStructure(
+        layout,
+        spec.out_factors,
+        spec.in_factors,
+        geometry.kernel_size,
+        ring_ranks(spec.format, spec.ranks),
+    )
+
+
+class FactorizedLayer(nn.Module):
+    """Base of the TT/TR layers: ``from_dense``, ``to_dense``, plan cache, ``extra_repr``.
+
+    Subclasses set ``format_name`` and ``kind`` and call :meth:`_setup`.
+    """
+
+    format_name: ClassVar[str]
+    kind: ClassVar[str]
+
+    geometry: LayerGeometry
+    spec: FactorSpec
+    structure: RingStructure
+
+    def _setup(
+        self,
+        geometry: LayerGeometry,
+        spec: FactorSpec,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.geometry = geometry
+        self.spec = spec
+        self.structure = structure_of(geometry, spec)
+        self._plans: dict[tuple[int, ...], Any] = {}
+        kw = {"device": device, "dtype": dtype}
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty(s, **kw)) for s in self.structure.shapes]
+        )
+        if geometry.bias:
+            self.bias = nn.Parameter(torch.empty(geometry.out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random cores whose product has the variance of PyTorch's default dense init,
+        ``1 / (3 fan_in)``; bias uniform in ``+-1/sqrt(fan_in)`` as in PyTorch."""
+        g = self.geometry
+        fan_in = g.in_features * g.kernel_size[0] * g.kernel_size[1]
+        target = 1.0 / (3.0 * fan_in)
+        n_terms = math.prod(self.structure.ranks[:-1])  # summed bond indices per entry
+        d = len(self.structure.shapes)
+        std = (target / n_terms) ** (0.5 / d)
+        with torch.no_grad():
+            for c in self.cores:
+                c.normal_(0.0, std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def _format(cls):  # noqa: ANN206 - returns the registered Format
+        return get_format(cls.format_name)
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        ranks: int | Sequence[int],
+        *,
+        out_factors: Sequence[int] | None = None,
+        in_factors: Sequence[int] | None = None,
+        layout: str | None = None,
+    ) -> FactorizedLayer:
+        """Decompose a dense ``nn.Linear``/``nn.Conv2d`` (the format's ``decompose``); the
+        bias and stride/padding/dilation are copied."""
+        geometry = LayerGeometry.from_module(module)
+        if geometry.kind != cls.kind:
+            raise TypeError(
+                f"{cls.__name__}.from_dense needs an nn."
+                f"{'Linear' if cls.kind == 'linear' else 'Conv2d'}, got {type(module).__name__}"
+            )
+        fmt = cls._format()
+        spec = fmt.resolve(
+            geometry,
+            ranks if isinstance(ranks, int) else tuple(ranks),
+            out_factors=None if out_factors is None else tuple(out_factors),
+            in_factors=None if in_factors is None else tuple(in_factors),
+            layout=layout,
+            layer_name=f"{cls.__name__}.from_dense",
+        )
+        w = module.weight.detach()
+        b = None if module.bias is None else module.bias.detach()
+        return fmt.build(geometry, fmt.decompose(w, spec), spec, b)
+
+    @classmethod
+    def from_factors(
+        cls,
+        geometry: LayerGeometry,
+        factors: Sequence[torch.Tensor],
+        spec: FactorSpec,
+        bias: torch.Tensor | None = None,
+    ) -> FactorizedLayer:
+        """A layer holding copies of ``factors`` (parameter-shaped cores) and ``bias``."""
+        f0 = factors[0]
+        layer = cls._from_spec(geometry, spec, device=f0.device, dtype=f0.dtype)
+        if len(factors) != len(layer.cores):
+            raise ValueError(
+                f"{cls.__name__}: expected {len(layer.cores)} factors, got {len(factors)}"
+            )
+        with torch.no_grad():
+            for k, (p, f) in enumerate(zip(layer.cores, factors)):
+                if tuple(f.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"{cls.__name__}: factors[{k}] has shape {tuple(f.shape)}, "
+                        f"expected {tuple(p.shape)}"
+                    )
+                p.copy_(f)
+            if layer.bias is not None:
+                if bias is None:
+                    layer.bias.zero_()
+                else:
+                    layer.bias.copy_(bias.reshape(-1))
+        return layer
+
+    @classmethod
+    def _from_spec(
+        cls, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
+    ) -> FactorizedLayer:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The full weight, with the dense layer's weight shape (differentiable)."""
+        return self.structure.reconstruct(list(self.cores))
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(self.spec.ranks)
+
+    def _shape_repr(self) -> str:
+        s = self.spec
+        txt = f"out_factors={s.out_factors}, in_factors={s.in_factors}, ranks={s.ranks}"
+        if s.layout:
+            txt += f", layout={s.layout!r}"
+        return txt
+
+
+def conv_forward(
+    layer: FactorizedLayer, x: torch.Tensor, weight_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Forward of a TT/TR Conv2d layer, with its plan for this input shape (cached)."""
+    st, g = layer.structure, layer.geometry
+    if x.dim() != 4 or x.shape[1] != g.in_features:
+        raise ValueError(
+            f"{type(layer).__name__}: input must have shape (N, {g.in_features}, H, W), "
+            f"got {tuple(x.shape)}"
+        )
+    B, _, H, W = (int(v) for v in x.shape)
+    key = (B, H, W)
+    plan = layer._plans.get(key)
+    if plan is None:
+        plan = st.plan_conv(B, (H, W), g.output_hw((H, W)))
+        layer._plans[key] = plan
+    cores = list(layer.cores)
+    conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
+    kh, kw = st.kernel_size
+    r0 = st.ranks[0]
+    if plan.kind == "dense":
+        return F.conv2d(x, st.reconstruct(cores), weight_bias, **conv)
+    if plan.kind == "spatial_first":
+        sp = cores[0]  # (r0, kh, kw, r1)
+        w = sp.permute(0, 3, 1, 2).reshape(-1, 1, kh, kw)
+        t = F.conv2d(x.reshape(B * g.in_features, 1, H, W), w, None, **conv)
+        Ho, Wo = t.shape[-2], t.shape[-1]
+        t = t.reshape(B, *st.inf, r0, st.ranks[1], Ho * Wo)
+        y = run_steps(plan.post, [t, *cores[1:]])
+        return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
+    a = len(st.of)
+    ra, ra1 = st.ranks[a], st.ranks[a + 1]
+    out_cores, kern, in_cores = cores[:a], cores[a], cores[a + 1 :]
+    if plan.kind in ("factored", "merge_out"):
+        t = run_steps(plan.pre, [x.reshape(B, *st.inf, H * W), *in_cores])
+        t = t.reshape(B, r0 * ra1, H, W)
+    else:
+        t = x
+    if plan.kind == "factored":
+        w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
+        t = F.conv2d(t.reshape(B * r0, ra1, H, W), w, None, **conv)
+    elif plan.kind == "merge_in":
+        w = run_steps(plan.weight, [kern, *in_cores]).reshape(r0 * ra, -1, kh, kw)
+        t = F.conv2d(t, w, None, **conv)
+    else:  # merge_out
+        w = run_steps(plan.weight, [*out_cores, kern]).reshape(-1, r0 * ra1, kh, kw)
+        return F.conv2d(t, w, weight_bias, **conv)
+    Ho, Wo = t.shape[-2], t.shape[-1]
+    y = run_steps(plan.post, [t.reshape(B, r0, ra, Ho * Wo), *out_cores])
+    return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+
+
+def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a TT/TR Linear layer over any leading dims, plan cached per batch size."""
+    st, g = layer.structure, layer.geometry
+    if x.dim() < 1 or x.shape[-1] != g.in_features:
+        raise ValueError(
+            f"{type(layer).__name__}: input must have last dimension {g.in_features}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    lead = tuple(int(v) for v in x.shape[:-1])
+    B = math.prod(lead)
+    key = (B,)
+    plan = layer._plans.get(key)
+    if plan is None:
+        plan = st.plan_linear(B)[0]
+        layer._plans[key] = plan
+    y = run_steps(plan, [x.reshape(B, *st.inf), *layer.cores])
+    y = y.reshape(*lead, g.out_features)
+    return y if layer.bias is None else y + layer.bias
