@@ -1,0 +1,292 @@
+"""TT/TR layers: forward == dense op with to_dense() weights (every plan kind), full-rank
+from_dense reproduces the dense layer, gradcheck, counts, init scale, trace/export."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdcompress.formats.base import get_format
+from tdcompress.layers.tr import TRConv2d, TRLinear
+from tdcompress.layers.tt import TTConv2d, TTLinear
+
+D = torch.float64
+CONV_CLASSES = [TTConv2d, TRConv2d]
+LIN_CLASSES = [TTLinear, TRLinear]
+
+
+def _check_conv(layer: nn.Module, x: torch.Tensor) -> None:
+    g = layer.geometry
+    ref = F.conv2d(x, layer.to_dense(), layer.bias, g.stride, g.padding, g.dilation)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10)
+
+
+CONV_GEOMS = [
+    # (in, out, kernel, stride, padding, dilation, hw, out_factors, in_factors)
+    (6, 10, 3, 1, 0, 1, (7, 9), (2, 5), (2, 3)),
+    (6, 10, 3, 2, 1, 1, (9, 7), (2, 5), (6,)),
+    (6, 4, (3, 1), 1, 1, 2, (9, 8), (4,), (2, 3)),
+    (4, 6, 1, 2, 0, 1, (5, 5), (2, 3), (2, 2)),
+]
+
+
+@pytest.mark.parametrize("cls", CONV_CLASSES)
+@pytest.mark.parametrize("layout", ["channel", "garipov"])
+@pytest.mark.parametrize("geo", CONV_GEOMS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_forward_matches_dense(cls, layout, geo, bias) -> None:
+    torch.manual_seed(0)
+    i, o, k, s, p, dil, hw, of, inf = geo
+    if layout == "garipov" and len(of) != len(inf):
+        of, inf = (of + (1,))[:2], (inf + (1,))[:2]
+    layer = cls(
+        i, o, k, 2, stride=s, padding=p, dilation=dil, bias=bias, layout=layout,
+        out_factors=of, in_factors=inf, dtype=D,
+    )  # fmt: skip
+    st = layer.structure
+    kinds = ["dense", "factored", "merge_in", "merge_out"]
+    if layout == "garipov":
+        kinds = ["dense", "spatial_first"]
+    for batch in (1, 5):
+        x = torch.randn(batch, i, *hw, dtype=D)
+        _check_conv(layer, x)  # the automatically chosen plan
+        key = (batch, *hw)
+        for kind in kinds:  # every plan the layer can choose
+            layer._plans[key] = st.plan_conv(batch, hw, layer.geometry.output_hw(hw), kind=kind)
+            _check_conv(layer, x)
+
+
+@pytest.mark.parametrize("cls", LIN_CLASSES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_forward_matches_dense(cls, bias) -> None:
+    torch.manual_seed(0)
+    # full ranks: factored work per sample (> 27*15*5) exceeds the dense 27*10, so large
+    # batches must reconstruct first; a single sample must not
+    layer = cls(27, 10, 1000, out_factors=(1, 2, 5), in_factors=(3, 3, 3), bias=bias, dtype=D)
+    for lead in [(1,), (7,), (2, 3), (300,)]:
+        x = torch.randn(*lead, 27, dtype=D)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias))
+    # the plan is cached per batch size, and a big batch picks reconstruct-then-matmul
+    assert set(layer._plans) == {(1,), (7,), (6,), (300,)}
+    steps = layer._plans[(300,)]
+    assert all(0 not in (i, j) for i, j, _ in steps[:-1])  # x (operand 0) only at the end
+    assert 0 in steps[-1][:2]
+    assert 0 in layer._plans[(1,)][0][:2]
+
+
+@pytest.mark.parametrize("cls", CONV_CLASSES)
+@pytest.mark.parametrize("layout", ["channel", "garipov"])
+def test_conv_full_rank_from_dense_reproduces_dense(cls, layout) -> None:
+    torch.manual_seed(0)
+    dense = nn.Conv2d(6, 4, (3, 3), stride=2, padding=1, dilation=2).double()
+    kw = {"out_factors": (2, 2), "in_factors": (2, 3)} if layout == "garipov" else {}
+    layer = cls.from_dense(dense, 10**6, layout=layout, **kw)
+    assert isinstance(layer, cls) and layer.spec.layout == layout
+    assert (layer.stride, layer.padding, layer.dilation) == ((2, 2), (1, 1), (2, 2))
+    x = torch.randn(3, 6, 11, 10, dtype=D)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(layer.to_dense(), dense.weight, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", LIN_CLASSES)
+def test_linear_full_rank_from_dense_reproduces_dense(cls) -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(20, 12).double()
+    layer = cls.from_dense(dense, 10**6, out_factors=(3, 4))
+    assert layer.spec.in_factors == (4, 5)
+    x = torch.randn(4, 20, dtype=D)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-9, atol=1e-10)
+    nobias = nn.Linear(20, 12, bias=False).double()
+    assert cls.from_dense(nobias, 3).bias is None
+    with pytest.raises(TypeError, match=r"from_dense needs an nn.Linear, got Conv2d"):
+        cls.from_dense(nn.Conv2d(3, 3, 1), 2)
+
+
+def test_from_dense_low_rank_equals_projection() -> None:
+    torch.manual_seed(0)
+    dense = nn.Conv2d(8, 6, 3, padding=1).double()
+    for cls in CONV_CLASSES:
+        layer = cls.from_dense(dense, 2, out_factors=(2, 3), in_factors=(2, 4))
+        fmt = get_format(cls.format_name)
+        torch.testing.assert_close(layer.to_dense(), fmt.project(dense.weight.detach(), layer.spec))
+        torch.testing.assert_close(layer.bias, dense.bias)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TTLinear(12, 6, 2, out_factors=(2, 3), in_factors=(3, 4), dtype=D),
+        lambda: TRLinear(12, 6, 2, out_factors=(2, 3), in_factors=(3, 4), dtype=D),
+        lambda: TTConv2d(4, 6, 3, 2, stride=2, padding=1, out_factors=(2, 3), dtype=D),
+        lambda: TRConv2d(4, 6, 3, 2, padding=1, dilation=2, in_factors=(2, 2), dtype=D),
+        lambda: TTConv2d(4, 6, 3, 2, layout="garipov", out_factors=(2, 3), dtype=D),
+        lambda: TRConv2d(4, 6, 3, 2, layout="garipov", in_factors=(2, 2), dtype=D),
+    ],
+)
+def test_gradcheck(make) -> None:
+    torch.manual_seed(0)
+    layer = make()
+    shape = (2, 12) if layer.kind == "linear" else (2, 4, 6, 5)
+    x = torch.randn(shape, dtype=D, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    ps = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *ps))
+    assert sum(p.numel() for p in layer.parameters()) == get_format(layer.format_name).num_params(
+        layer.geometry, layer.spec
+    )
+
+
+@pytest.mark.parametrize("cls", [TTLinear, TRLinear, TTConv2d, TRConv2d])
+def test_init_matches_pytorch_default_variance(cls) -> None:
+    torch.manual_seed(0)
+    vs = []
+    for _ in range(8):
+        if cls.kind == "linear":
+            layer = cls(256, 128, 6)
+            fan_in = 256
+        else:
+            layer = cls(64, 64, 3, 8)
+            fan_in = 64 * 9
+        vs.append(layer.to_dense().detach().var())
+    ratio = torch.stack(vs).mean() * 3 * fan_in  # PyTorch default: var = 1 / (3 fan_in)
+    assert 0.6 < ratio < 1.6
+    assert layer.bias.abs().max() <= fan_in**-0.5
+
+
+def test_extra_repr_and_device_dtype() -> None:
+    layer = TTConv2d(8, 6, 3, [3, 2], padding=1, out_factors=(6,), in_factors=(8,))
+    r = repr(layer)
+    assert "ranks=(3, 2)" in r and "out_factors=(6,)" in r and "padding=(1, 1)" in r
+    assert "layout='channel'" in r
+    lin = TRLinear(12, 6, 2, dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in lin.parameters())
+    assert "in_features=12, out_features=6" in repr(lin) and "ranks=(2, 2)" in repr(lin)
+
+
+def test_layer_errors() -> None:
+    with pytest.raises(ValueError, match=r"TTConv2d: .*groups=1, got groups=2"):
+        TTConv2d(4, 4, 3, 2, groups=2)
+    with pytest.raises(ValueError, match=r"TRLinear: in_factors \(2, 2\) multiply to 4.*12"):
+        TRLinear(12, 6, 2, out_factors=(2, 3), in_factors=(2, 2))
+    with pytest.raises(ValueError, match=r"TTLinear: ranks must be ints >= 1, got 0"):
+        TTLinear(12, 6, 0)
+    layer = TTLinear(12, 6, 2)
+    with pytest.raises(ValueError, match=r"TTLinear: input must have last dimension 12"):
+        layer(torch.randn(3, 11))
+    conv = TTConv2d(4, 6, 3, 2)
+    with pytest.raises(ValueError, match=r"TTConv2d: input must have shape \(N, 4, H, W\)"):
+        conv(torch.randn(1, 5, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: TTLinear(12, 6, 2, out_factors=(2, 3), in_factors=(3, 4)), (3, 12)),
+        (lambda: TRLinear(12, 6, 2, out_factors=(2, 3), in_factors=(3, 4)), (3, 12)),
+        (lambda: TTConv2d(4, 6, 3, 2, padding=1, out_factors=(2, 3)), (2, 4, 8, 8)),
+        (lambda: TRConv2d(4, 6, 3, 2, stride=2, in_factors=(2, 2)), (2, 4, 8, 8)),
+        (lambda: TTConv2d(4, 6, 3, 2, layout="garipov", out_factors=(2, 3)), (2, 4, 8, 8)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_trace_and_export(make, shape) -> None:
+    torch.manual_seed(0)
+    layer = make().eval()
+    x = torch.randn(shape)
+    ref = layer(x)
+    traced = torch.jit.trace(layer, (x,))
+    torch.testing.assert_close(traced(x), ref)
+    ep = torch.export.export(layer, (x,))
+    torch.testing.assert_close(ep.module()(x), ref)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed")
+def test_onnx_export(tmp_path) -> None:
+    for layer, shape in (
+        (TTLinear(12, 6, 2), (3, 12)),
+        (TRConv2d(4, 6, 3, 2, padding=1), (2, 4, 8, 8)),
+    ):
+        torch.onnx.export(layer.eval(), (torch.randn(shape),), str(tmp_path / "m.onnx"))
+        assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_macs_match_forward_work() -> None:
+    """Format.macs equals the planned single-sample work: recount it by hand from the
+    executed einsum steps and conv shapes (an independent tally of the same forward)."""
+    torch.manual_seed(0)
+    for layer, hw in (
+        (TTLinear(27, 8, 2, out_factors=(2, 2, 2), in_factors=(3, 3, 3)), None),
+        (TTConv2d(6, 10, 3, 2, padding=1, out_factors=(2, 5), in_factors=(2, 3)), (7, 7)),
+        (TRConv2d(6, 10, 3, 2, padding=1, layout="garipov", out_factors=(2, 5)), (7, 7)),
+    ):
+        fmt = get_format(layer.format_name)
+        x = torch.randn(1, layer.geometry.in_features, *(hw or ()))
+        if hw is None:
+            x = x.reshape(1, -1)
+        tally = _count_macs(layer, x)
+        assert tally == fmt.macs(layer.geometry, layer.spec, hw)
+
+
+def _count_macs(layer: nn.Module, x: torch.Tensor) -> int:
+    total = 0
+    orig_einsum, orig_conv = torch.einsum, F.conv2d
+
+    def einsum(eq, a, b):
+        nonlocal total
+        lhs = eq.split("->")[0].split(",")
+        sizes = dict(zip(lhs[0], a.shape)) | dict(zip(lhs[1], b.shape))
+        n = 1
+        for v in sizes.values():
+            n *= v
+        total += n
+        return orig_einsum(eq, a, b)
+
+    def conv2d(inp, w, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        nonlocal total
+        out = orig_conv(inp, w, bias, stride, padding, dilation, groups)
+        total += out.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+        return out
+
+    torch.einsum, F.conv2d = einsum, conv2d
+    try:
+        layer(x)
+    finally:
+        torch.einsum, F.conv2d = orig_einsum, orig_conv
+    return total
+
+
+def test_plan_choice_is_cheapest_by_brute_force() -> None:
+    """The DP order is no worse than every left-to-right chain order (independent search)."""
+    from tdcompress.layers._base import plan_network
+
+    layer = TTLinear(64, 64, 3, out_factors=(2, 4, 8), in_factors=(8, 4, 2))
+    st = layer.structure
+    best = None
+    for batch in (1, 16, 4096):
+        sizes = dict(st.sizes, B=batch)
+        ops = [("B", *st.I), *st.labels]
+        for perm in itertools.permutations(range(1, len(ops))):
+            cur, cost = set(ops[0]), 0
+            rest = [ops[j] for j in perm]
+            for k, o in enumerate(rest):
+                union = cur | set(o)
+                n = 1
+                for lab in union:
+                    n *= sizes[lab]
+                cost += n
+                later = set().union(*rest[k + 1 :]) if k + 1 < len(rest) else set()
+                cur = {lab for lab in union if lab in later or lab in ("B", *st.O)}
+            best = cost if best is None else min(best, cost)
+        _, dp = plan_network(ops, ("B", *st.O), sizes)
+        assert dp <= best
+        best = None
