@@ -56,8 +56,11 @@ def test_conv_forward_matches_dense(cls, layout, geo, bias) -> None:
         x = torch.randn(batch, i, *hw, dtype=D)
         _check_conv(layer, x)  # the automatically chosen plan
         key = (batch, *hw)
-        for kind in kinds:  # every plan the layer can choose
-            layer._plans[key] = st.plan_conv(batch, hw, layer.geometry.output_hw(hw), kind=kind)
+        modes = ["einsum", "conv"] if layout == "channel" else [None]
+        for kind, pre, post in itertools.product(kinds, modes, modes):  # every possible plan
+            layer._plans[key] = st.plan_conv(
+                batch, hw, layer.geometry.output_hw(hw), kind=kind, pre_mode=pre, post_mode=post
+            )
             _check_conv(layer, x)
 
 

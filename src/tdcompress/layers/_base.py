@@ -30,6 +30,9 @@ __all__ = [
     "run_steps",
     "RingStructure",
     "ConvPlan",
+    "Stage",
+    "plan_merge",
+    "run_merge",
     "FactorizedLayer",
 ]
 
@@ -119,18 +122,63 @@ def run_steps(steps: Steps, operands: Sequence[torch.Tensor]) -> torch.Tensor:
     return ops[-1]
 
 
+#: how a group of cores merges into one tensor: einsum steps, or (one core) a permutation
+Merge = tuple[Steps, tuple[int, ...]]
+
+#: relative cost of a MAC done by ``torch.einsum`` on activations vs one done by a
+#: convolution (oneDNN): the einsum path permutes activations and runs at roughly half the
+#: speed, so a conv-based stage is preferred unless the einsum one saves more than half
+EINSUM_COST = 2.0
+
+
+def plan_merge(
+    inputs: Sequence[Sequence[str]], output: Sequence[str], sizes: dict[str, int]
+) -> tuple[Merge, int]:
+    """Plan to merge cores (no activations) into one tensor with labels ``output``."""
+    if len(inputs) == 1:
+        labs = list(inputs[0])
+        if sorted(labs) != sorted(output):
+            raise ValueError(f"cannot permute labels {labs} into {list(output)}")
+        return ((), tuple(labs.index(x) for x in output)), 0
+    steps, macs = plan_network(inputs, output, sizes)
+    return (steps, ()), macs
+
+
+def run_merge(merge: Merge, cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    steps, perm = merge
+    return run_steps(steps, cores) if steps else cores[0].permute(perm)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A 1x1 channel-mixing stage: ``mode="einsum"`` contracts the activation with the cores
+    (``steps`` over ``[activation, *cores]``); ``mode="conv"`` merges the cores (``merge``)
+    into a 1x1 convolution weight."""
+
+    mode: str
+    macs: int
+    steps: Steps = ()
+    merge: Merge = ((), ())
+
+    @property
+    def cost(self) -> float:
+        return self.macs * (EINSUM_COST if self.mode == "einsum" else 1.0)
+
+
 @dataclass(frozen=True)
 class ConvPlan:
     """How a conv forward runs for one input shape: ``kind`` is ``"dense"``
     (reconstruct, one conv), ``"factored"`` (input stage, small conv, output stage),
     ``"merge_in"`` (kernel merged with the input cores), ``"merge_out"`` (kernel merged with
-    the output cores) or, for Garipov's layout, ``"spatial_first"``."""
+    the output cores) or, for Garipov's layout, ``"spatial_first"`` (the spatial core as a
+    per-input-channel conv, then the channel cores)."""
 
     kind: str
     macs: int
-    pre: Steps = ()  # network before the conv (input stage)
-    weight: Steps = ()  # network giving the conv weight from cores
-    post: Steps = ()  # network after the conv (output stage)
+    cost: float
+    pre: Stage | None = None  # input stage (x -> r0 * r_{a+1} channels)
+    weight: Merge = ((), ())  # the kh x kw conv weight from cores (merge/dense kinds)
+    post: Stage | None = None  # output stage (r0 * r_a channels -> O)
 
 
 class RingStructure:
@@ -211,49 +259,78 @@ class RingStructure:
         in_hw: tuple[int, int],
         out_hw: tuple[int, int],
         kind: str | None = None,
+        pre_mode: str | None = None,
+        post_mode: str | None = None,
     ) -> ConvPlan:
-        """Cheapest conv forward for a ``(batch, I, *in_hw)`` input (output ``out_hw``);
-        ``kind`` forces one of the :class:`ConvPlan` kinds (for tests and benchmarks)."""
+        """Cheapest conv forward for a ``(batch, I, *in_hw)`` input (output ``out_hw``).
+
+        Cost: MACs, those of einsum stages on activations weighted by :data:`EINSUM_COST`.
+        ``kind``, ``pre_mode``, ``post_mode`` force a plan kind and the stage modes
+        (``"einsum"`` or ``"conv"``; for tests and benchmarks)."""
         P, Q = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
         k = self.kernel_size[0] * self.kernel_size[1]
         sizes = dict(self.sizes, B=batch, P=P, Q=Q)
         O, I, R, L = self.O, self.I, self.R, self.labels
         n_o, n_i = self.out_features, self.in_features
         r0 = self.ranks[0]
-        dense_conv = batch * Q * n_o * n_i * k
-        cands = [ConvPlan("dense", self.dense_macs + dense_conv, weight=self.dense_steps)]
+        dense_m = self.dense_macs + batch * Q * n_o * n_i * k
+        cands = [ConvPlan("dense", dense_m, float(dense_m), weight=(self.dense_steps, ()))]
+
+        def pick(stages: list[Stage], mode: str | None) -> Stage:
+            if mode is not None:
+                stages = [s for s in stages if s.mode == mode]
+                if not stages:
+                    raise ValueError(f"stage mode must be 'einsum' or 'conv', got {mode!r}")
+            return min(stages, key=lambda s: (s.cost, s.mode != "conv"))
+
         if self.layout == "channel":
             a = len(O)
             ra, ra1 = self.ranks[a], self.ranks[a + 1]
             out_cores, kern, in_cores = L[:a], L[a], L[a + 1 :]
-            pre, pre_m = plan_network(
-                [("B", *I, "P"), *in_cores], ("B", "R0", R[a + 1], "P"), sizes
+            steps, m = plan_network([("B", *I, "P"), *in_cores], ("B", "R0", R[a + 1], "P"), sizes)
+            merge, mm = plan_merge(in_cores, ("R0", R[a + 1], *I), sizes)
+            pre = pick(
+                [
+                    Stage("einsum", m, steps=steps),
+                    Stage("conv", mm + batch * P * r0 * ra1 * n_i, merge=merge),
+                ],
+                pre_mode,
             )
-            post, post_m = plan_network([("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes)
-            cands.append(
-                ConvPlan("factored", pre_m + batch * Q * r0 * ra * ra1 * k + post_m, pre, (), post)
+            steps, m = plan_network([("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes)
+            merge, mm = plan_merge(out_cores, (*O, "R0", R[a]), sizes)
+            post = pick(
+                [
+                    Stage("einsum", m, steps=steps),
+                    Stage("conv", mm + batch * Q * n_o * r0 * ra, merge=merge),
+                ],
+                post_mode,
             )
-            w_in, w_in_m = plan_network([kern, *in_cores], ("R0", R[a], *I, "KH", "KW"), sizes)
+            mid = batch * Q * r0 * ra * ra1 * k
             cands.append(
                 ConvPlan(
-                    "merge_in", w_in_m + batch * Q * r0 * ra * n_i * k + post_m, (), w_in, post
+                    "factored",
+                    pre.macs + mid + post.macs,
+                    pre.cost + mid + post.cost,
+                    pre,
+                    post=post,
                 )
             )
-            w_out, w_out_m = plan_network(
-                [*out_cores, kern], (*O, "R0", R[a + 1], "KH", "KW"), sizes
-            )
+            w_in, w_m = plan_merge([kern, *in_cores], ("R0", R[a], *I, "KH", "KW"), sizes)
+            mid = w_m + batch * Q * r0 * ra * n_i * k
             cands.append(
-                ConvPlan("merge_out", pre_m + w_out_m + batch * Q * n_o * r0 * ra1 * k, pre, w_out)
+                ConvPlan("merge_in", mid + post.macs, mid + post.cost, weight=w_in, post=post)
             )
+            w_out, w_m = plan_merge([*out_cores, kern], (*O, "R0", R[a + 1], "KH", "KW"), sizes)
+            mid = w_m + batch * Q * n_o * r0 * ra1 * k
+            cands.append(ConvPlan("merge_out", pre.macs + mid, pre.cost + mid, pre, weight=w_out))
         elif self.layout == "garipov":
             r1 = self.ranks[1]
-            post, post_m = plan_network([("B", *I, "R0", R[1], "Q"), *L[1:]], ("B", *O, "Q"), sizes)
-            cands.append(
-                ConvPlan("spatial_first", batch * n_i * r0 * r1 * k * Q + post_m, post=post)
-            )
+            steps, m = plan_network([("B", *I, "R0", R[1], "Q"), *L[1:]], ("B", *O, "Q"), sizes)
+            post = Stage("einsum", m, steps=steps)
+            mid = batch * n_i * r0 * r1 * k * Q
+            cands.append(ConvPlan("spatial_first", mid + m, mid + post.cost, post=post))
         else:
             raise ValueError(f"layout {self.layout!r} is not a convolution layout")
-        order = {"dense": 0, "merge_in": 1, "merge_out": 2, "factored": 3, "spatial_first": 3}
         if kind is not None:
             forced = [p for p in cands if p.kind == kind]
             if not forced:
@@ -262,7 +339,8 @@ class RingStructure:
                     f"{self.layout!r}, got {kind!r}"
                 )
             return forced[0]
-        return min(cands, key=lambda p: (p.macs, order[p.kind]))
+        order = {"dense": 0, "merge_in": 1, "merge_out": 2, "factored": 3, "spatial_first": 3}
+        return min(cands, key=lambda p: (p.cost, order[p.kind]))
 
     def count_macs(
         self, geometry: LayerGeometry, input_hw: tuple[int, int] | None, batch: int = 1
@@ -457,32 +535,42 @@ def conv_forward(
     if plan.kind == "dense":
         return F.conv2d(x, st.reconstruct(cores), weight_bias, **conv)
     if plan.kind == "spatial_first":
+        post = plan.post
+        assert post is not None
         sp = cores[0]  # (r0, kh, kw, r1)
         w = sp.permute(0, 3, 1, 2).reshape(-1, 1, kh, kw)
         t = F.conv2d(x.reshape(B * g.in_features, 1, H, W), w, None, **conv)
         Ho, Wo = t.shape[-2], t.shape[-1]
         t = t.reshape(B, *st.inf, r0, st.ranks[1], Ho * Wo)
-        y = run_steps(plan.post, [t, *cores[1:]])
+        y = run_steps(post.steps, [t, *cores[1:]])
         return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
     a = len(st.of)
     ra, ra1 = st.ranks[a], st.ranks[a + 1]
     out_cores, kern, in_cores = cores[:a], cores[a], cores[a + 1 :]
-    if plan.kind in ("factored", "merge_out"):
-        t = run_steps(plan.pre, [x.reshape(B, *st.inf, H * W), *in_cores])
-        t = t.reshape(B, r0 * ra1, H, W)
+    if plan.kind == "merge_in":
+        w = run_merge(plan.weight, [kern, *in_cores]).reshape(r0 * ra, -1, kh, kw)
+        t = F.conv2d(x, w, None, **conv)
     else:
-        t = x
-    if plan.kind == "factored":
+        pre = plan.pre
+        assert pre is not None
+        if pre.mode == "conv":
+            w = run_merge(pre.merge, in_cores).reshape(r0 * ra1, -1, 1, 1)
+            t = F.conv2d(x, w)
+        else:
+            t = run_steps(pre.steps, [x.reshape(B, *st.inf, H * W), *in_cores])
+            t = t.reshape(B, r0 * ra1, H, W)
+        if plan.kind == "merge_out":
+            w = run_merge(plan.weight, [*out_cores, kern]).reshape(-1, r0 * ra1, kh, kw)
+            return F.conv2d(t, w, weight_bias, **conv)
         w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
         t = F.conv2d(t.reshape(B * r0, ra1, H, W), w, None, **conv)
-    elif plan.kind == "merge_in":
-        w = run_steps(plan.weight, [kern, *in_cores]).reshape(r0 * ra, -1, kh, kw)
-        t = F.conv2d(t, w, None, **conv)
-    else:  # merge_out
-        w = run_steps(plan.weight, [*out_cores, kern]).reshape(-1, r0 * ra1, kh, kw)
-        return F.conv2d(t, w, weight_bias, **conv)
     Ho, Wo = t.shape[-2], t.shape[-1]
-    y = run_steps(plan.post, [t.reshape(B, r0, ra, Ho * Wo), *out_cores])
+    post = plan.post
+    assert post is not None
+    if post.mode == "conv":
+        w = run_merge(post.merge, out_cores).reshape(g.out_features, r0 * ra, 1, 1)
+        return F.conv2d(t.reshape(B, r0 * ra, Ho, Wo), w, weight_bias)
+    y = run_steps(post.steps, [t.reshape(B, r0, ra, Ho * Wo), *out_cores])
     return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
 
 
