@@ -25,7 +25,6 @@ from tdcompress.formats import layouts
 from tdcompress.formats.base import FactorSpec, LayerGeometry, get_format
 
 __all__ = [
-    "Steps",
     "plan_network",
     "run_steps",
     "RingStructure",
@@ -36,19 +35,20 @@ __all__ = [
     "FactorizedLayer",
 ]
 
-#: ``(i, j, equation)``: operands ``i`` and ``j`` of the growing operand list are contracted
-#: by ``torch.einsum(equation, ...)`` and the result is appended to the list.
-Steps = tuple[tuple[int, int, str], ...]
-
 
 def plan_network(
-    inputs: Sequence[Sequence[str]], output: Sequence[str], sizes: dict[str, int]
-) -> tuple[Steps, int]:
+    inputs: Sequence[Sequence[str]],
+    output: Sequence[str],
+    sizes: dict[str, int],
+    act: bool = False,
+) -> tuple[Program, int]:
     """Cheapest pairwise contraction order of a tensor network and its MAC count.
 
     ``inputs``: index labels of each operand; ``output``: labels of the result, in order;
     ``sizes``: size of every label. A pairwise contraction costs the product of the sizes
     of all labels of its two operands. Exact DP over subsets (fine for <= ~10 operands).
+    ``act``: ``inputs[0]`` is an activation (batch-sized); the plan is compiled so that it
+    is never copied when avoidable (see :func:`_compile`).
     """
     n = len(inputs)
     if n == 1:
@@ -94,36 +94,182 @@ def plan_network(
         assert cand is not None
         best[mask] = cand
 
-    letters: dict[str, str] = {}
-    for lab in order:
-        letters[lab] = ascii_letters[len(letters)]
-    steps: list[tuple[int, int, str]] = []
+    return _compile(inputs, output, sizes, order, best, kept, act), best[full][0]
 
-    def emit(mask: int) -> int:
-        if mask & (mask - 1) == 0:
-            return mask.bit_length() - 1
+
+def _compile(
+    inputs: Sequence[Sequence[str]],
+    output: Sequence[str],
+    sizes: dict[str, int],
+    order: list[str],
+    best: dict[int, tuple[int, int]],
+    kept: Any,
+    act: bool,
+) -> Program:
+    """Turn the DP tree into matrix products that avoid copying the activation.
+
+    Size-1 labels are dropped. A step between the activation (operand 0 when ``act``, or
+    any result involving it) and a weight-only operand becomes one ``mm``/``bmm``: the
+    activation is viewed as ``(G, K[, N])`` when its contracted labels ``K`` are contiguous
+    in memory (permuted and copied otherwise), the weight is permuted to ``(M, K)`` (cheap),
+    and the result's labels are ``G + M + N``, ``M`` ordered so that the next step finds its
+    contracted labels contiguous. Other steps (weights only) use ``torch.einsum``.
+    """
+    n = len(inputs)
+    full = (1 << n) - 1
+
+    def strip(labs: Sequence[str]) -> tuple[str, ...]:
+        return tuple(x for x in labs if sizes[x] != 1)
+
+    out_pos = {x: k for k, x in enumerate(output)}
+    first = {x: k for k, x in enumerate(order)}
+    rank = {x: (out_pos.get(x, len(out_pos)), first[x]) for x in order}
+    parent: dict[int, tuple[int, int]] = {}
+
+    def link(mask: int) -> None:
+        if mask & (mask - 1):
+            sub = best[mask][1]
+            parent[sub], parent[mask ^ sub] = (mask, mask ^ sub), (mask, sub)
+            link(sub)
+            link(mask ^ sub)
+
+    link(full)
+    letters = {lab: ascii_letters[k] for k, lab in enumerate(order)}
+    labels: dict[int, tuple[str, ...]] = {}
+    index: dict[int, int] = {}
+    is_act: dict[int, bool] = {}
+    ops: list[Op] = []
+    for k in range(n):
+        labels[1 << k] = strip(inputs[k])
+        index[1 << k] = k
+        is_act[1 << k] = act and k == 0
+
+    def emit(mask: int) -> None:
+        if mask in index:
+            return
         sub = best[mask][1]
-        i, j = emit(sub), emit(mask ^ sub)
-        eq = "".join(letters[x] for x in kept(sub)) + ","
-        eq += "".join(letters[x] for x in kept(mask ^ sub)) + "->"
-        eq += "".join(letters[x] for x in kept(mask))
-        steps.append((i, j, eq))
-        return n + len(steps) - 1
+        other = mask ^ sub
+        emit(sub)
+        emit(other)
+        res = set(strip(kept(mask)))
+        nxt: set[str] = set()
+        if mask in parent:
+            par, sib = parent[mask]
+            nxt = res & set(strip(kept(sib))) - set(strip(kept(par)))
+        if is_act[sub] != is_act[other]:
+            a_m, w_m = (sub, other) if is_act[sub] else (other, sub)
+            la, lw = labels[a_m], labels[w_m]
+            both = set(la) & set(lw)
+            K = [x for x in la if x in both]
+            if K and not (both & res):
+                pos = [la.index(x) for x in K]
+                a_perm = None
+                if max(pos) - min(pos) + 1 != len(K):  # not contiguous: copy, K last
+                    rest = [x for x in la if x not in both]
+                    a_perm = tuple(la.index(x) for x in rest + K)
+                    la = tuple(rest + K)
+                    pos = list(range(len(rest), len(la)))
+                G, N = la[: min(pos)], la[max(pos) + 1 :]
+                # labels the next step contracts go next to the activation's labels it
+                # contracts too (after G or before N), so that step needs no copy
+                tail = bool(N) and N[0] in nxt
+                free_w = sorted(
+                    (x for x in lw if x not in both),
+                    key=lambda x: ((x in nxt) == tail, rank[x]),
+                )
+                w_perm = tuple(lw.index(x) for x in free_w + K)
+                g, kk, nn_ = (math.prod(sizes[x] for x in part) for part in (G, K, N))
+                m = math.prod(sizes[x] for x in free_w)
+                out_labels = (*G, *free_w, *N)
+                kind = "mm" if not N else ("mm_left" if g == 1 else "bmm")
+                a_shape = (g, kk) if not N else ((kk, nn_) if g == 1 else (g, kk, nn_))
+                ops.append(
+                    Op(
+                        kind,
+                        index[a_m],
+                        index[w_m],
+                        a_perm=a_perm,
+                        a_shape=a_shape,
+                        w_perm=w_perm,
+                        w_shape=(m, kk),
+                        out_shape=tuple(sizes[x] for x in out_labels),
+                    )
+                )
+                labels[mask] = out_labels
+                index[mask] = n + len(ops) - 1
+                is_act[mask] = True
+                return
+        out_labels = tuple(x for x in order if x in res)
+        if mask == full:
+            out_labels = strip(output)
+        eq = "".join(letters[x] for x in labels[sub]) + ","
+        eq += "".join(letters[x] for x in labels[other]) + "->"
+        eq += "".join(letters[x] for x in out_labels)
+        ops.append(Op("einsum", index[sub], index[other], eq=eq))
+        labels[mask] = out_labels
+        index[mask] = n + len(ops) - 1
+        is_act[mask] = is_act[sub] or is_act[other]
 
     emit(full)
-    return tuple(steps), best[full][0]
+    final = labels[full]
+    want = strip(output)
+    out_perm = None if final == want else tuple(final.index(x) for x in want)
+    in_shapes = tuple(tuple(sizes[x] for x in labels[1 << k]) for k in range(n))
+    return Program(in_shapes, tuple(ops), out_perm)
 
 
-def run_steps(steps: Steps, operands: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Execute a plan of :func:`plan_network` on ``operands``."""
-    ops = list(operands)
-    for i, j, eq in steps:
-        ops.append(torch.einsum(eq, ops[i], ops[j]))
-    return ops[-1]
+@dataclass(frozen=True)
+class Op:
+    """One pairwise contraction of a :class:`Program` (see :func:`_compile`)."""
+
+    kind: str  # "einsum" | "mm" | "mm_left" | "bmm"
+    i: int  # the activation for the matrix kinds
+    j: int  # the weight for the matrix kinds
+    eq: str = ""
+    a_perm: tuple[int, ...] | None = None
+    a_shape: tuple[int, ...] = ()
+    w_perm: tuple[int, ...] = ()
+    w_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Program:
+    """A compiled contraction: input shapes (size-1 modes dropped), ops, final permutation.
+    Results are appended to the operand list; the last one (permuted) is returned."""
+
+    in_shapes: tuple[tuple[int, ...], ...]
+    ops: tuple[Op, ...]
+    out_perm: tuple[int, ...] | None
+
+
+def run_steps(prog: Program, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Execute a plan of :func:`plan_network` on ``operands``; the caller reshapes the
+    result (size-1 modes are dropped)."""
+    ops = [t.reshape(s) for t, s in zip(operands, prog.in_shapes)]
+    for op in prog.ops:
+        if op.kind == "einsum":
+            r = torch.einsum(op.eq, ops[op.i], ops[op.j])
+        else:
+            a = ops[op.i]
+            if op.a_perm is not None:
+                a = a.permute(op.a_perm)
+            a = a.reshape(op.a_shape)
+            w = ops[op.j].permute(op.w_perm).reshape(op.w_shape)
+            if op.kind == "mm":
+                r = a @ w.t()
+            elif op.kind == "mm_left":
+                r = w @ a
+            else:
+                r = torch.bmm(w.expand(op.a_shape[0], op.w_shape[0], op.w_shape[1]), a)
+            r = r.reshape(op.out_shape)
+        ops.append(r)
+    y = ops[-1]
+    return y if prog.out_perm is None else y.permute(prog.out_perm)
 
 
 #: how a group of cores merges into one tensor: einsum steps, or (one core) a permutation
-Merge = tuple[Steps, tuple[int, ...]]
+Merge = tuple["Program | None", tuple[int, ...]]
 
 #: relative cost of a MAC done by ``torch.einsum`` on activations vs one done by a
 #: convolution (oneDNN): the einsum path permutes activations and runs at roughly half the
@@ -139,14 +285,14 @@ def plan_merge(
         labs = list(inputs[0])
         if sorted(labs) != sorted(output):
             raise ValueError(f"cannot permute labels {labs} into {list(output)}")
-        return ((), tuple(labs.index(x) for x in output)), 0
+        return (None, tuple(labs.index(x) for x in output)), 0
     steps, macs = plan_network(inputs, output, sizes)
     return (steps, ()), macs
 
 
 def run_merge(merge: Merge, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    steps, perm = merge
-    return run_steps(steps, cores) if steps else cores[0].permute(perm)
+    prog, perm = merge
+    return cores[0].permute(perm) if prog is None else run_steps(prog, cores)
 
 
 @dataclass(frozen=True)
@@ -157,8 +303,8 @@ class Stage:
 
     mode: str
     macs: int
-    steps: Steps = ()
-    merge: Merge = ((), ())
+    steps: Program | None = None
+    merge: Merge = (None, ())
 
     @property
     def cost(self) -> float:
@@ -177,7 +323,7 @@ class ConvPlan:
     macs: int
     cost: float
     pre: Stage | None = None  # input stage (x -> r0 * r_{a+1} channels)
-    weight: Merge = ((), ())  # the kh x kw conv weight from cores (merge/dense kinds)
+    weight: Merge = (None, ())  # the kh x kw conv weight from cores (merge/dense kinds)
     post: Stage | None = None  # output stage (r0 * r_a channels -> O)
 
 
@@ -247,11 +393,11 @@ class RingStructure:
         )
 
     # ---- planning -------------------------------------------------------------------
-    def plan_linear(self, batch: int) -> tuple[Steps, int]:
+    def plan_linear(self, batch: int) -> tuple[Program, int]:
         """Cheapest full contraction of ``x (B, n_1..n_d)`` with the cores (it includes
         reconstruct-then-matmul when cheaper)."""
         sizes = dict(self.sizes, B=batch)
-        return plan_network([("B", *self.I), *self.labels], ("B", *self.O), sizes)
+        return plan_network([("B", *self.I), *self.labels], ("B", *self.O), sizes, act=True)
 
     def plan_conv(
         self,
@@ -287,7 +433,9 @@ class RingStructure:
             a = len(O)
             ra, ra1 = self.ranks[a], self.ranks[a + 1]
             out_cores, kern, in_cores = L[:a], L[a], L[a + 1 :]
-            steps, m = plan_network([("B", *I, "P"), *in_cores], ("B", "R0", R[a + 1], "P"), sizes)
+            steps, m = plan_network(
+                [("B", *I, "P"), *in_cores], ("B", "R0", R[a + 1], "P"), sizes, act=True
+            )
             merge, mm = plan_merge(in_cores, ("R0", R[a + 1], *I), sizes)
             pre = pick(
                 [
@@ -296,7 +444,9 @@ class RingStructure:
                 ],
                 pre_mode,
             )
-            steps, m = plan_network([("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes)
+            steps, m = plan_network(
+                [("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes, act=True
+            )
             merge, mm = plan_merge(out_cores, (*O, "R0", R[a]), sizes)
             post = pick(
                 [
@@ -325,7 +475,9 @@ class RingStructure:
             cands.append(ConvPlan("merge_out", pre.macs + mid, pre.cost + mid, pre, weight=w_out))
         elif self.layout == "garipov":
             r1 = self.ranks[1]
-            steps, m = plan_network([("B", *I, "R0", R[1], "Q"), *L[1:]], ("B", *O, "Q"), sizes)
+            steps, m = plan_network(
+                [("B", *I, "R0", R[1], "Q"), *L[1:]], ("B", *O, "Q"), sizes, act=True
+            )
             post = Stage("einsum", m, steps=steps)
             mid = batch * n_i * r0 * r1 * k * Q
             cands.append(ConvPlan("spatial_first", mid + m, mid + post.cost, post=post))
