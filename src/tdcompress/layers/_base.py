@@ -11,6 +11,7 @@ MACs with the same planner, so ``Format.macs`` is what the single-sample forward
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -515,6 +516,19 @@ def ring_ranks(format_name: str, spec_ranks: Sequence[int]) -> tuple[int, ...]:
 
 
 def structure_of(geometry: LayerGeometry, spec: FactorSpec) -> RingStructure:
+    """The (cached) :class:`RingStructure` of a resolved TT/TR spec."""
+    try:
+        return _structure_cached(geometry, spec)
+    except TypeError:  # unhashable options
+        return _structure(geometry, spec)
+
+
+@functools.lru_cache(maxsize=4096)
+def _structure_cached(geometry: LayerGeometry, spec: FactorSpec) -> RingStructure:
+    return _structure(geometry, spec)
+
+
+def _structure(geometry: LayerGeometry, spec: FactorSpec) -> RingStructure:
     layout = spec.layout or "matrix"
     if spec.out_factors is None or spec.in_factors is None:
         raise ValueError("the spec must be resolved (out_factors and in_factors set)")

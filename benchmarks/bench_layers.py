@@ -1,0 +1,215 @@
+"""Latency of the factorized layers against the dense layer and tensorly-torch (issue 3).
+
+Forward (no_grad) and forward+backward medians at batch 1, 32 and 256 for:
+ResNet-20's 3x3 convs (16, 32, 64 channels on 32x32, 16x16, 8x8) at the largest uniform
+rank giving >= 6.8x fewer parameters per layer, a 4096x4096 TT/TR matrix ([8,8,8,8]^2) at
+ranks 8 and 16, and the UCF11 TT-LSTM input layer (57,600 -> 4 x 256 as 8x20x20x18 ->
+4x4x4x16, rank 4). Every registered format that supports the layer kind is timed; MACs
+(the layer's planned contraction at that batch, and the dense op's) are reported beside
+the times. tensorly-torch: ``FactorizedLinear(factorization="blocktt")`` is the same
+TT-matrix; for convs its TT of the 4-way kernel [O, I, kh, kw] at the same rank is the
+closest layer it has (not the same layout as ours).
+
+    python benchmarks/bench_layers.py [--quick] [--threads 2] [--out PATH]
+
+The machine is shared; set MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ high for the
+allocator effect described in docs/performance-notes; both settings are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tdcompress.formats.tr  # noqa: F401
+import tdcompress.formats.tt  # noqa: F401
+from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, available_formats, get_format
+
+try:  # optional competitor
+    import tltorch
+except Exception:  # pragma: no cover - optional
+    tltorch = None
+
+
+def median_ms(fn: Callable[[], object], min_runs: int = 5, budget_s: float = 2.0) -> float:
+    fn()
+    fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < min_runs or (time.perf_counter() < t_end and len(times) < 50):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def fwd_bwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def run() -> None:
+        for p in params:
+            p.grad = None
+        module(x).sum().backward()
+
+    return run
+
+
+def fwd(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+
+    return run
+
+
+def rank_for_ratio(fmt: Format, geo: LayerGeometry, ratio: float, **kw) -> FactorSpec:
+    """The largest uniform rank whose layer has >= ``ratio`` times fewer parameters."""
+    best = fmt.resolve(geo, 1, **kw)
+    r = 1
+    while r < 4096:
+        spec = fmt.resolve(geo, r + 1, **kw)
+        if geo.dense_params / fmt.num_params(geo, spec) < ratio or spec == best:
+            break
+        best, r = spec, r + 1
+    return best
+
+
+def cases(quick: bool) -> list[dict]:
+    out = []
+    for c, hw in ((16, 32), (32, 16), (64, 8)):
+        geo = LayerGeometry("conv2d", c, c, kernel_size=(3, 3), padding=(1, 1))
+        out.append({"name": f"resnet20-conv{c}-{hw}x{hw}", "geo": geo, "hw": (hw, hw)})
+    for r in (8, 16):
+        geo = LayerGeometry.linear(4096, 4096)
+        f = {"out_factors": (8, 8, 8, 8), "in_factors": (8, 8, 8, 8)}
+        out.append({"name": f"fc4096-r{r}", "geo": geo, "hw": None, "rank": r, "kw": f})
+    if not quick:
+        geo = LayerGeometry.linear(57600, 1024)
+        f = {"out_factors": (4, 4, 4, 16), "in_factors": (8, 20, 20, 18)}
+        out.append({"name": "ucf11-input", "geo": geo, "hw": None, "rank": 4, "kw": f})
+    return out
+
+
+def tltorch_layer(case: dict, spec: FactorSpec, fmt_name: str) -> nn.Module | None:
+    if tltorch is None or fmt_name != "tt":
+        return None
+    geo = case["geo"]
+    r = max(spec.ranks)
+    if geo.kind == "linear":
+        ranks = (1, *spec.ranks, 1)
+        return tltorch.FactorizedLinear(
+            spec.in_factors, spec.out_factors, factorization="blocktt", rank=ranks
+        )
+    return tltorch.FactorizedConv(
+        geo.in_features, geo.out_features, 3, order=2, padding=1, factorization="tt", rank=r
+    )
+
+
+def dense_layer(geo: LayerGeometry, weight: torch.Tensor) -> nn.Module:
+    if geo.kind == "linear":
+        m: nn.Module = nn.Linear(geo.in_features, geo.out_features)
+    else:
+        m = nn.Conv2d(geo.in_features, geo.out_features, geo.kernel_size, padding=geo.padding)
+    with torch.no_grad():
+        m.weight.copy_(weight)
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="skip UCF11 and batch 256")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default="benchmarks/results/bench_layers.json")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batches = (1, 32) if args.quick else (1, 32, 256)
+    rows = []
+    for case in cases(args.quick):
+        geo, hw = case["geo"], case["hw"]
+        w = torch.randn(geo.weight_shape) * (geo.weight_shape[1] * (9 if hw else 1)) ** -0.5
+        dense = dense_layer(geo, w)
+        for name in available_formats():
+            fmt = get_format(name)
+            if geo.kind not in fmt.kinds:
+                continue
+            kw = case.get("kw", {})
+            try:
+                if "rank" in case:
+                    spec = fmt.resolve(geo, case["rank"], **kw)
+                else:
+                    spec = rank_for_ratio(fmt, geo, 6.8, **kw)
+                layer = fmt.build(geo, fmt.decompose(w, spec), spec, dense.bias.detach())
+            except (ValueError, TypeError) as e:
+                print(f"skip {case['name']} {name}: {e}")
+                continue
+            tl = tltorch_layer(case, spec, name)
+            for b in batches:
+                shape = (b, geo.in_features, *hw) if hw else (b, geo.in_features)
+                x = torch.randn(shape)
+                macs = _planned_macs(fmt, layer, geo, spec, hw, b)
+                row = {
+                    "case": case["name"],
+                    "format": name,
+                    "ranks": list(spec.ranks),
+                    "out_factors": list(spec.out_factors or ()),
+                    "in_factors": list(spec.in_factors or ()),
+                    "batch": b,
+                    "params": fmt.num_params(geo, spec),
+                    "dense_params": geo.dense_params,
+                    "macs": macs,
+                    "dense_macs": b * geo.dense_macs(hw),
+                    "fwd_ms": median_ms(fwd(layer, x), budget_s=args.budget),
+                    "fwd_bwd_ms": median_ms(fwd_bwd(layer, x), budget_s=args.budget),
+                    "dense_fwd_ms": median_ms(fwd(dense, x), budget_s=args.budget),
+                    "dense_fwd_bwd_ms": median_ms(fwd_bwd(dense, x), budget_s=args.budget),
+                }
+                if tl is not None:
+                    row["tltorch_fwd_ms"] = median_ms(fwd(tl, x), budget_s=args.budget)
+                    row["tltorch_fwd_bwd_ms"] = median_ms(fwd_bwd(tl, x), budget_s=args.budget)
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "machine": platform.machine(),
+        "loadavg": os.getloadavg(),
+        "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "tltorch": getattr(tltorch, "__version__", None),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+def _planned_macs(fmt, layer, geo, spec, hw, batch) -> int:
+    st = getattr(layer, "structure", None)
+    if st is not None:  # TT/TR layers plan per batch size
+        return st.count_macs(geo, hw, batch)
+    return batch * fmt.macs(geo, spec, hw)
+
+
+def _fmt_row(r: dict) -> str:
+    tl = r.get("tltorch_fwd_ms")
+    tl_s = f" tltorch {tl:8.3f}/{r['tltorch_fwd_bwd_ms']:8.3f}" if tl is not None else ""
+    return (
+        f"{r['case']:22s} {r['format']:7s} b={r['batch']:<4d} ranks={r['ranks']} "
+        f"MACs {r['macs'] / r['dense_macs']:.3f}x dense | fwd/fwd+bwd ms: "
+        f"ours {r['fwd_ms']:8.3f}/{r['fwd_bwd_ms']:8.3f} dense {r['dense_fwd_ms']:8.3f}/"
+        f"{r['dense_fwd_bwd_ms']:8.3f}{tl_s}"
+    )
+
+
+if __name__ == "__main__":
+    main()
