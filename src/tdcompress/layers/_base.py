@@ -272,10 +272,9 @@ def run_steps(prog: Program, operands: Sequence[torch.Tensor]) -> torch.Tensor:
 #: how a group of cores merges into one tensor: einsum steps, or (one core) a permutation
 Merge = tuple["Program | None", tuple[int, ...]]
 
-#: relative cost of a MAC done by ``torch.einsum`` on activations vs one done by a
-#: convolution (oneDNN): the einsum path permutes activations and runs at roughly half the
-#: speed, so a conv-based stage is preferred unless the einsum one saves more than half
-EINSUM_COST = 2.0
+#: relative cost of a MAC done by a compiled einsum stage on activations vs one done by a
+#: convolution; measured equal once the stages run as copy-free mm/bmm (bench_layers)
+EINSUM_COST = 1.0
 
 
 def plan_merge(
@@ -423,12 +422,14 @@ class RingStructure:
         dense_m = self.dense_macs + batch * Q * n_o * n_i * k
         cands = [ConvPlan("dense", dense_m, float(dense_m), weight=(self.dense_steps, ()))]
 
-        def pick(stages: list[Stage], mode: str | None) -> Stage:
+        def pick(stages: list[Stage], mode: str | None, prefer: str) -> Stage:
+            # ties: the input stage prefers the batched matmul (measured faster), the
+            # output stage the 1x1 conv (it fuses the bias)
             if mode is not None:
                 stages = [s for s in stages if s.mode == mode]
                 if not stages:
                     raise ValueError(f"stage mode must be 'einsum' or 'conv', got {mode!r}")
-            return min(stages, key=lambda s: (s.cost, s.mode != "conv"))
+            return min(stages, key=lambda s: (s.cost, s.mode != prefer))
 
         if self.layout == "channel":
             a = len(O)
@@ -444,6 +445,7 @@ class RingStructure:
                     Stage("conv", mm + batch * P * r0 * ra1 * n_i, merge=merge),
                 ],
                 pre_mode,
+                "einsum",
             )
             steps, m = plan_network(
                 [("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes, act=True
@@ -455,6 +457,7 @@ class RingStructure:
                     Stage("conv", mm + batch * Q * n_o * r0 * ra, merge=merge),
                 ],
                 post_mode,
+                "conv",
             )
             mid = batch * Q * r0 * ra * ra1 * k
             cands.append(
