@@ -9,6 +9,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 from torch import nn
 
 from tdcompress.formats.base import get_format
@@ -280,3 +282,60 @@ def test_plan_choice_is_cheapest_by_brute_force() -> None:
         _, dp = plan_network(ops, ("B", *st.O), sizes)
         assert dp <= best
         best = None
+
+
+def test_gradcheck_every_conv_plan() -> None:
+    """Gradients are right for every plan a TR conv (closing rank > 1) can run."""
+    torch.manual_seed(0)
+    layer = TRConv2d(4, 6, 3, 2, stride=2, padding=1, out_factors=(2, 3), in_factors=(2, 2))
+    layer = layer.double()
+    x = torch.randn(2, 4, 5, 6, dtype=D, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+    ps = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+    st, hw = layer.structure, (5, 6)
+    plans = [("dense", None, None), ("merge_in", None, "einsum"), ("merge_in", None, "conv")]
+    plans += [("merge_out", "einsum", None), ("merge_out", "conv", None)]
+    plans += [("factored", a, b) for a in ("einsum", "conv") for b in ("einsum", "conv")]
+    for kind, pre, post in plans:
+        layer._plans[(2, *hw)] = st.plan_conv(
+            2, hw, layer.geometry.output_hw(hw), kind=kind, pre_mode=pre, post_mode=post
+        )
+
+        def f(x, *qs):
+            return torch.func.functional_call(layer, dict(zip(names, qs)), (x,))
+
+        assert torch.autograd.gradcheck(f, (x, *ps)), (kind, pre, post)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    fmt=st_.sampled_from(["tt", "tr"]),
+    layout=st_.sampled_from(["matrix", "channel", "garipov"]),
+    of=st_.lists(st_.integers(1, 3), min_size=1, max_size=3),
+    inf=st_.lists(st_.integers(1, 3), min_size=1, max_size=3),
+    rank=st_.integers(1, 4),
+    k=st_.integers(1, 3),
+    stride=st_.integers(1, 2),
+    batch=st_.integers(1, 3),
+)
+def test_random_shapes_forward_matches_dense(fmt, layout, of, inf, rank, k, stride, batch):
+    """Random factorizations, ranks and conv settings: forward == dense op of to_dense()."""
+    import math
+
+    if layout != "channel":  # paired layouts need equal factor counts
+        n = max(len(of), len(inf), 2 if layout == "matrix" else 1)
+        of, inf = (of + [1] * n)[:n], (inf + [1] * n)[:n]
+    O, I = math.prod(of), math.prod(inf)
+    torch.manual_seed(0)
+    if layout == "matrix":
+        cls = TTLinear if fmt == "tt" else TRLinear
+        layer = cls(I, O, rank, out_factors=of, in_factors=inf, dtype=D)
+        x = torch.randn(batch, I, dtype=D)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.to_dense(), layer.bias))
+        return
+    cls = TTConv2d if fmt == "tt" else TRConv2d
+    layer = cls(
+        I, O, k, rank, stride=stride, padding=k // 2, layout=layout,
+        out_factors=of, in_factors=inf, dtype=D,
+    )  # fmt: skip
+    _check_conv(layer, torch.randn(batch, I, 5, 4, dtype=D))
