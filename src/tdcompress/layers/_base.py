@@ -2,7 +2,8 @@
 
 :func:`plan_network` finds the cheapest pairwise contraction order (exact dynamic
 programming over subsets, cost = multiply-accumulates) of a small tensor network and
-returns it as a list of ``torch.einsum`` steps. :class:`RingStructure` describes a TT or
+compiles it into a :class:`Program` of ``mm``/``bmm`` steps that never copy the activation
+when avoidable (``torch.einsum`` for weight-only steps). :class:`RingStructure` describes a TT or
 tensor-ring layer (a TT is a ring whose closing bond has size 1) in one of the layouts of
 :mod:`tdcompress.formats.layouts` and plans its forward for a given input shape, choosing
 between the factorized contraction orders and reconstruct-then-dense-op. The formats count
