@@ -121,7 +121,8 @@ class ADMM:
         total = None
         for k, w in self._weights.items():
             w_ = w if self.mode == "penalty" else w.detach()
-            d = w_.float() - self.Z[k].float() + self.U[k].float()
+            dt = torch.promote_types(w.dtype, torch.float32)  # half weights: sum in float32
+            d = w_.to(dt) - self.Z[k].to(dt) + self.U[k].to(dt)
             t = d.square().sum()
             total = t if total is None else total + t
         return 0.5 * self.rho * total
@@ -138,7 +139,8 @@ class ADMM:
         for i, k in enumerate(keys):
             lp = self.plan[k]
             if i % world == rank:
-                out[k] = lp.format.project(x[k], lp.spec).to(x[k].dtype)
+                # contiguous: collectives send raw memory
+                out[k] = lp.format.project(x[k], lp.spec).to(x[k].dtype).contiguous()
             else:
                 out[k] = torch.empty_like(x[k])
         if distributed:

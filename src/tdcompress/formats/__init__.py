@@ -1,5 +1,9 @@
-"""Factorization formats: one owner per weight layout (see :mod:`tdcompress.formats.base`)."""
+"""Factorization formats: one owner per weight layout (see :mod:`tdcompress.formats.base`).
 
+Importing this package registers ``"tt"``, ``"tr"``, ``"tucker2"`` and ``"svd"``.
+"""
+
+from tdcompress.formats import tr, tt  # noqa: F401  (register the formats)
 from tdcompress.formats.base import (
     FactorSpec,
     Format,

@@ -1,0 +1,262 @@
+"""Plans, ADMM and surgery: the method's properties on small synthetic tasks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tdcompress.formats  # noqa: F401  (registers the formats)
+from tdcompress.admm import ADMM, ADMMSchedule
+from tdcompress.planning import CompressionPlan, plan
+from tdcompress.surgery import decompose
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+def blobs(n: int = 4096, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten overlapping Gaussian classes in 64 dimensions (fixed centres; ``seed`` draws the
+    samples): learnable by a dense MLP, while its weights are far from low TT rank."""
+    centres = torch.randn(10, 64, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return centres[y] + 2.0 * torch.randn(n, 64, generator=g), y
+
+
+def run(model, x, y, epochs, admm=None, lr=0.05, bs=128, seed=0, cosine=False):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    total, step = epochs * ((len(x) + bs - 1) // bs), 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), bs):
+            if cosine:
+                opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                step += 1
+            idx = perm[i : i + bs]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            if admm is not None and admm.mode == "penalty":
+                loss = loss + admm.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if admm is not None:
+                admm.step()
+    return model
+
+
+def acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_admm_converges_and_beats_plain_decomposition():
+    x, y = blobs()
+    xt, yt = blobs(2048, seed=1)
+    dense = run(mlp(), x, y, epochs=8)
+    base = acc(dense, xt, yt)
+    p = plan(dense, "tt", ranks=10)
+    assert [lp.name for lp in p] == ["0", "2"]
+    # without ADMM: decompose the normally trained model at the same ranks
+    plain, _ = decompose(dense, p)
+    drop_plain = base - acc(plain, xt, yt)
+    # with ADMM: a few epochs of regularized training from the same dense model
+    model = copy.deepcopy(dense)
+    # rho grows to 10; a decaying learning rate lets SGD noise die out so W meets Z
+    sched = ADMMSchedule(every_steps=20, rho_growth=1.2, rho_max=10.0)
+    admm = ADMM(model, p, rho=0.3, schedule=sched)
+    run(model, x, y, epochs=4, admm=admm, lr=0.01, bs=32, cosine=True)
+    admm.update()
+    res = admm.residuals(decomposition_error=True)
+    for lp in p:
+        assert res[f"primal/{lp.param}"] < 1e-2, res
+    tt_model, report = decompose(model, p)
+    drop_admm = base - acc(tt_model, xt, yt)
+    assert base > 0.95 and drop_plain > 0.1, (base, drop_plain)
+    assert drop_admm < drop_plain / 4, (base, drop_plain, drop_admm)
+    assert report.ratio == pytest.approx(p.ratio)
+    assert max(report.errors.values()) < 2e-2
+
+
+def test_penalty_and_hook_modes_give_same_parameters():
+    x, y = blobs(512)
+    models = []
+    for mode in ("penalty", "hook"):
+        m = mlp().double()
+        p = plan(m, "tt", ranks=3)
+        admm = ADMM(m, p, rho=0.3, mode=mode, schedule=ADMMSchedule(every_steps=3))
+        run(m, x.double(), y, epochs=2, admm=admm)
+        models.append((m, admm))
+    (m1, a1), (m2, a2) = models
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-10, atol=1e-12)
+    for k in a1.Z:
+        torch.testing.assert_close(a1.U[k], a2.U[k], rtol=1e-10, atol=1e-12)
+    # and the hook really changed the training (rho matters)
+    m3 = run(mlp().double(), x.double(), y, epochs=2)
+    assert not torch.allclose(next(m3.parameters()), next(m1.parameters()))
+
+
+def test_resume_from_state_dict_is_bit_identical():
+    x, y = blobs(512)
+
+    def steps(model, opt, admm, n, start):
+        for i in range(start, start + n):
+            g = torch.Generator().manual_seed(i)
+            idx = torch.randint(0, len(x), (64,), generator=g)
+            loss = F.cross_entropy(model(x[idx]), y[idx]) + admm.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            admm.step()
+
+    def fresh():
+        m = mlp()
+        p = plan(m, "tt", ranks=3)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        return m, opt, ADMM(m, p, rho=0.2, schedule=ADMMSchedule(every_steps=4, rho_growth=1.1))
+
+    m1, o1, a1 = fresh()
+    steps(m1, o1, a1, 22, 0)
+
+    m2, o2, a2 = fresh()
+    steps(m2, o2, a2, 10, 0)
+    saved = copy.deepcopy(
+        {"model": m2.state_dict(), "opt": o2.state_dict(), "admm": a2.state_dict()}
+    )
+    del m2, o2, a2
+    m3, o3, a3 = fresh()
+    m3.load_state_dict(saved["model"])
+    o3.load_state_dict(saved["opt"])
+    a3.load_state_dict(saved["admm"])
+    steps(m3, o3, a3, 12, 10)
+    for p1, p3 in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(p1, p3)
+    for k in a1.Z:
+        assert torch.equal(a1.Z[k], a3.Z[k]) and torch.equal(a1.U[k], a3.U[k])
+    assert a1.rho == a3.rho
+
+
+@pytest.mark.parametrize("fmt", ["tt", "tr", "tucker2", "svd"])
+def test_decompose_at_full_rank_matches_dense(fmt):
+    model = small_cnn()
+    x = torch.randn(4, 3, 16, 16)
+    if fmt == "tucker2":
+        p = plan(model, fmt, ranks=10**4, include=["2", "4"])
+    else:
+        p = plan(model, fmt, ranks=10**4, include=["2", "4", "8"] if fmt != "tucker2" else None)
+    new, report = decompose(model, p)
+    assert all(e < 1e-5 for e in report.errors.values()), report.errors
+    torch.testing.assert_close(new(x), model(x), rtol=1e-4, atol=1e-5)
+    # the original is untouched and other parameters were copied
+    assert isinstance(model[2], nn.Conv2d)
+    torch.testing.assert_close(new[0].weight, model[0].weight)
+
+
+def test_plan_default_selection_summary_and_round_trip(tmp_path):
+    model = small_cnn()
+    p = plan(model, "tt", ranks=4, input_shape=(1, 3, 16, 16))
+    assert [lp.name for lp in p] == ["2", "4"]  # first conv and classifier kept dense
+    dense = sum(q.numel() for q in model.parameters())
+    after = dense - sum(lp.dense_params for lp in p) + sum(lp.params for lp in p)
+    assert p.compressed_params == after and p.ratio == pytest.approx(dense / after)
+    text = p.summary()
+    assert "whole model" in text and "MACs" in text and "2" in text
+    for suffix in (".yaml", ".json"):
+        path = tmp_path / f"plan{suffix}"
+        p.save(path)
+        q = CompressionPlan.load(path)
+        assert q.to_dict() == p.to_dict()
+
+
+@pytest.mark.parametrize("target", [2.0, 5.0, 10.0])
+def test_rank_solver_hits_ratio_on_small_cnn(target):
+    model = small_cnn()
+    p = plan(model, "tt", target_ratio=target, include=["2", "4", "8"])
+    assert abs(p.ratio / target - 1) <= 0.03
+    # built model really has that many parameters
+    new, _ = decompose(model, p)
+    assert sum(q.numel() for q in new.parameters()) == p.compressed_params
+
+
+def test_bad_input():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="matches no Conv2d/Linear/LSTM layer"):
+        plan(model, "tt", ranks=2, include=["conv_missing"])
+    with pytest.raises(ValueError, match="must be a finite number > 1"):
+        plan(model, "tt", target_ratio=0.5)
+    with pytest.raises(ValueError, match="unreachable"):
+        plan(model, "tt", target_ratio=1e6)
+    with pytest.raises(ValueError, match="exactly one of"):
+        plan(model, "tt", ranks=2, target_ratio=3.0)
+    with pytest.raises(ValueError, match="unknown format"):
+        plan(model, "cp", ranks=2)
+    p = plan(model, "tt", ranks=2)
+    with pytest.raises(ValueError, match="does not contain the planned weights"):
+        ADMM(nn.Sequential(nn.Linear(4, 4)), p)
+    with pytest.raises(ValueError, match=r"weight shape \(256, 256\) differs from the planned"):
+        ADMM(mlp(), p)
+    with pytest.raises(ValueError, match="rho must be"):
+        ADMM(model, p, rho=-1)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = small_cnn(seed=0)
+    p = plan(model, "tt", ranks=3, include=["2", "4", "8"])
+    admm = ADMM(model, p, rho=0.1)
+    with torch.no_grad():  # identical W changes on every rank, as DDP guarantees
+        for q in model.parameters():
+            q.add_(0.01 * torch.randn(q.shape, generator=torch.Generator().manual_seed(7)))
+    admm.update()
+    torch.save(admm.state_dict(), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_identical_z_and_u(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "state")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    s0, s1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    # single-process reference
+    model = small_cnn(seed=0)
+    p = plan(model, "tt", ranks=3, include=["2", "4", "8"])
+    ref = ADMM(model, p, rho=0.1)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.01 * torch.randn(q.shape, generator=torch.Generator().manual_seed(7)))
+    ref.update()
+    for k in ref.Z:
+        assert torch.equal(s0["Z"][k], s1["Z"][k]) and torch.equal(s0["U"][k], s1["U"][k])
+        torch.testing.assert_close(s0["Z"][k], ref.Z[k])
+        torch.testing.assert_close(s0["U"][k], ref.U[k])
+    assert os.path.exists(f"{out}.1")
