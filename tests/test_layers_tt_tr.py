@@ -67,13 +67,17 @@ def test_conv_forward_matches_dense(cls, layout, geo, bias) -> None:
     for batch in (1, 5):
         x = torch.randn(batch, i, *hw, dtype=D)
         _check_conv(layer, x)  # the automatically chosen plan
-        key = (batch, *hw)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        _check_conv(layer, xc)  # its channels_last variant
+        key = (batch, *hw, False)
         modes = ["einsum", "conv"] if layout == "channel" else [None]
         for kind, pre, post in itertools.product(kinds, modes, modes):  # every possible plan
             layer._plans[key] = st.plan_conv(
                 batch, hw, layer.geometry.output_hw(hw), kind=kind, pre_mode=pre, post_mode=post
             )
             _check_conv(layer, x)
+            layer._plans[(*key[:-1], True)] = layer._plans[key]
+            _check_conv(layer, xc)
 
 
 @pytest.mark.parametrize("cls", LIN_CLASSES)
@@ -297,7 +301,7 @@ def test_gradcheck_every_conv_plan() -> None:
     plans += [("merge_out", "einsum", None), ("merge_out", "conv", None)]
     plans += [("factored", a, b) for a in ("einsum", "conv") for b in ("einsum", "conv")]
     for kind, pre, post in plans:
-        layer._plans[(2, *hw)] = st.plan_conv(
+        layer._plans[(2, *hw, False)] = st.plan_conv(
             2, hw, layer.geometry.output_hw(hw), kind=kind, pre_mode=pre, post_mode=post
         )
 

@@ -693,10 +693,15 @@ def conv_forward(
             f"got {tuple(x.shape)}"
         )
     B, _, H, W = (int(v) for v in x.shape)
-    key = (B, H, W)
+    # channels_last input: 1x1 stages as convs (GEMMs on the NHWC layout), output NHWC
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    key = (B, H, W, nhwc)
     plan = layer._plans.get(key)
     if plan is None:
-        plan = st.plan_conv(B, (H, W), g.output_hw((H, W)))
+        mode = "conv" if nhwc and st.layout == "channel" else None
+        plan = st.plan_conv(B, (H, W), g.output_hw((H, W)), pre_mode=mode, post_mode=mode)
         layer._plans[key] = plan
     cores = list(layer.cores)
     conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
@@ -733,7 +738,11 @@ def conv_forward(
             w = run_merge(plan.weight, [*out_cores, kern]).reshape(-1, r0 * ra1, kh, kw)
             return F.conv2d(t, w, weight_bias, **conv)
         w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
-        t = F.conv2d(t.reshape(B * r0, ra1, H, W), w, None, **conv)
+        # oneDNN runs convolutions with few channels 2-3x faster in NHWC (fwd and bwd)
+        t = t.reshape(B * r0, ra1, H, W).contiguous(memory_format=torch.channels_last)
+        t = F.conv2d(t, w, None, **conv)
+        if not nhwc:
+            t = t.contiguous()
     Ho, Wo = t.shape[-2], t.shape[-1]
     post = plan.post
     assert post is not None
