@@ -10,7 +10,7 @@ the times. tensorly-torch: ``FactorizedLinear(factorization="blocktt")`` is the 
 TT-matrix; for convs its TT of the 4-way kernel [O, I, kh, kw] at the same rank is the
 closest layer it has (not the same layout as ours).
 
-    python benchmarks/bench_layers.py [--quick] [--threads 2] [--out PATH]
+    python benchmarks/bench_layers.py [--quick] [--threads 2] [--channels-last] [--out PATH]
 
 The machine is shared; set MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ high for the
 allocator effect described in docs/performance-notes; both settings are recorded.
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/bench_layers.json")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("--channels-last", action="store_true", help="conv inputs in NHWC")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -157,6 +158,8 @@ def main() -> None:
             for b in batches:
                 shape = (b, geo.in_features, *hw) if hw else (b, geo.in_features)
                 x = torch.randn(shape)
+                if hw and args.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 macs = _planned_macs(fmt, layer, geo, spec, hw, b)
                 row = {
                     "case": case["name"],
@@ -182,6 +185,7 @@ def main() -> None:
     meta = {
         "torch": torch.__version__,
         "threads": args.threads,
+        "channels_last": args.channels_last,
         "machine": platform.machine(),
         "loadavg": os.getloadavg(),
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
