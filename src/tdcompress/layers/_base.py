@@ -425,7 +425,8 @@ class RingStructure:
 
         def pick(stages: list[Stage], mode: str | None, prefer: str) -> Stage:
             # ties: the input stage prefers the batched matmul (measured faster), the
-            # output stage the 1x1 conv (it fuses the bias)
+            # output stage the 1x1 conv (it fuses the bias) except at batch 1, where ATen
+            # runs small convs through its slow im2col path (~40 us) instead of oneDNN
             if mode is not None:
                 stages = [s for s in stages if s.mode == mode]
                 if not stages:
@@ -458,7 +459,7 @@ class RingStructure:
                     Stage("conv", mm + batch * Q * n_o * r0 * ra, merge=merge),
                 ],
                 post_mode,
-                "conv",
+                "conv" if batch > 1 else "einsum",
             )
             mid = batch * Q * r0 * ra * ra1 * k
             cands.append(
@@ -738,8 +739,11 @@ def conv_forward(
             w = run_merge(plan.weight, [*out_cores, kern]).reshape(-1, r0 * ra1, kh, kw)
             return F.conv2d(t, w, weight_bias, **conv)
         w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
-        # oneDNN runs convolutions with few channels 2-3x faster in NHWC (fwd and bwd)
-        t = t.reshape(B * r0, ra1, H, W).contiguous(memory_format=torch.channels_last)
+        t = t.reshape(B * r0, ra1, H, W)
+        if nhwc or (torch.is_grad_enabled() and B * r0 > 1):
+            # oneDNN's backward of a conv with few channels is 2-4x faster in NHWC; the
+            # forward alone gains nothing from the conversion
+            t = t.contiguous(memory_format=torch.channels_last)
         t = F.conv2d(t, w, None, **conv)
         if not nhwc:
             t = t.contiguous()
