@@ -740,7 +740,8 @@ def conv_forward(
             return F.conv2d(t, w, weight_bias, **conv)
         w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
         t = t.reshape(B * r0, ra1, H, W)
-        if nhwc or (torch.is_grad_enabled() and B * r0 > 1):
+        training = torch.is_grad_enabled() and not torch.jit.is_tracing()
+        if nhwc or (training and B * r0 > 1):
             # oneDNN's backward of a conv with few channels is 2-4x faster in NHWC; the
             # forward alone gains nothing from the conversion
             t = t.contiguous(memory_format=torch.channels_last)
