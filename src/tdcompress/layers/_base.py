@@ -503,7 +503,9 @@ class RingStructure:
     def count_macs(
         self, geometry: LayerGeometry, input_hw: tuple[int, int] | None, batch: int = 1
     ) -> int:
-        """MACs of the planned forward for ``batch`` samples (bias not counted)."""
+        """MACs of the planned forward for ``batch`` samples (bias not counted), for an
+        NCHW input; a channels_last input runs its 1x1 stages as convolutions, which does
+        the same MACs whenever a side has one factor."""
         if geometry.kind == "linear":
             return self.plan_linear(batch)[1]
         if input_hw is None:
@@ -703,7 +705,7 @@ def conv_forward(
     if plan is None:
         mode = "conv" if nhwc and st.layout == "channel" else None
         plan = st.plan_conv(B, (H, W), g.output_hw((H, W)), pre_mode=mode, post_mode=mode)
-        layer._plans[key] = plan
+        _remember(layer, key, plan)
     cores = list(layer.cores)
     conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
     kh, kw = st.kernel_size
@@ -758,6 +760,16 @@ def conv_forward(
     return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
 
 
+#: plans kept per layer (one per distinct input shape); the cache is cleared beyond this
+MAX_PLANS = 64
+
+
+def _remember(layer: FactorizedLayer, key: tuple, plan: Any) -> None:
+    if len(layer._plans) >= MAX_PLANS:
+        layer._plans.clear()
+    layer._plans[key] = plan
+
+
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias.reshape(1, -1, 1, 1)
 
@@ -776,7 +788,7 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
     plan = layer._plans.get(key)
     if plan is None:
         plan = st.plan_linear(B)[0]
-        layer._plans[key] = plan
+        _remember(layer, key, plan)
     y = run_steps(plan, [x.reshape(B, *st.inf), *layer.cores])
     y = y.reshape(*lead, g.out_features)
     return y if layer.bias is None else y + layer.bias
