@@ -127,6 +127,7 @@ class Pipeline:
                 seed=self.cfg.seed,
                 rank=rank(),
                 world_size=world_size(),
+                channels_last=self.cfg.runtime.channels_last,
             )
         return self._data
 
@@ -384,8 +385,10 @@ def _model_defaults(name: str, info: dict[str, Any], kwargs: dict[str, Any]) -> 
     if name in ("lenet5",):
         out.setdefault("num_classes", info["num_classes"])
         out.setdefault("in_channels", info["input_shape"][0])
+        out.setdefault("image_size", info["input_shape"][1])
     elif name.startswith("resnet"):
         out.setdefault("num_classes", info["num_classes"])
+        out.setdefault("in_channels", info["input_shape"][0])
     elif name == "mlp":
         out.setdefault("num_classes", info["num_classes"])
         out.setdefault("in_features", int(math.prod(info["input_shape"])))

@@ -489,8 +489,9 @@ def _solve(
     what: str,
     measure: Callable[[CompressionPlan], float],
 ) -> CompressionPlan:
-    """Equal ranks in every layer, as large as the target allows; then single layers one
-    rank up, smallest cost first, to land as close to the target as possible."""
+    """Equal ranks in every layer, as large as the target allows; then per-layer ranks
+    within a few steps of it (still equal inside each layer), chosen one layer at a time
+    to land as close to the target as possible."""
     if not math.isfinite(target) or target <= 1.0:
         raise ValueError(f"target {what} must be a finite number > 1, got {target}")
     names = [c[0] for c in chosen]
@@ -521,25 +522,30 @@ def _solve(
             lo = mid
         else:
             hi = mid
+
+    # then per-layer ranks near that uniform rank, one layer at a time (coordinate
+    # descent), to land as close to the target as the discrete ranks allow
+    def miss(p: CompressionPlan) -> float:
+        return abs(measure(p) / target - 1)
+
     ranks = [lo] * len(names)
-    best = at(tuple(ranks))
-    # raise single layers by one rank while we stay at or above the target
-    improved = True
-    while improved:
-        improved = False
-        trials = []
+    best = min((at(tuple(ranks)), at((lo + 1,) * len(names))), key=miss)
+    ranks = list(next(r for r, p in memo.items() if p is best))
+    window = range(max(1, lo - 3), lo + 5)
+    while miss(best) > 0.002:
+        trial = None
         for i in range(len(names)):
-            r2 = list(ranks)
-            r2[i] += 1
-            p = at(tuple(r2))
-            if measure(p) >= target and measure(p) < measure(best):
-                trials.append((measure(p), i, r2, p))
-        if trials:
-            _, _, ranks, best = min(trials, key=lambda t: t[0])
-            improved = True
-    # the uniform rank one above may be closer from below
-    cands = [best, at((lo + 1,) * len(names))]
-    best = min(cands, key=lambda p: abs(measure(p) / target - 1))
+            for r in window:
+                if r == ranks[i]:
+                    continue
+                r2 = list(ranks)
+                r2[i] = r
+                p = at(tuple(r2))
+                if miss(p) < miss(best) and (trial is None or miss(p) < miss(trial[1])):
+                    trial = (r2, p)
+        if trial is None:
+            break
+        ranks, best = trial
     got = measure(best)
     if abs(got / target - 1) > RATIO_TOLERANCE:
         raise ValueError(

@@ -1,0 +1,77 @@
+"""Datasets (official file formats, the bundled digits), augmentation and loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tdcompress.data.augment import Augment, normalize, random_crop, random_flip
+from tdcompress.data.loader import TensorLoader
+from tdcompress.data.readers import DATASETS, default_root, load_dataset, read_cifar, read_idx
+
+__all__ = [
+    "Augment",
+    "DATASETS",
+    "TensorLoader",
+    "load_dataset",
+    "make_loaders",
+    "normalize",
+    "random_crop",
+    "random_flip",
+    "read_cifar",
+    "read_idx",
+]
+
+
+def make_loaders(
+    cfg: Any,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    channels_last: bool = False,
+) -> tuple[TensorLoader, TensorLoader, dict[str, Any]]:
+    """Train and test loaders plus dataset info for a :class:`~tdcompress.config.DataConfig`."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; valid names are {sorted(DATASETS)}")
+    info = dict(DATASETS[cfg.dataset])
+    root = cfg.root or default_root()
+    if cfg.download:
+        from tdcompress.data.download import download
+
+        download(cfg.dataset, root)
+    xtr, ytr = load_dataset(cfg.dataset, root, "train")
+    xte, yte = load_dataset(cfg.dataset, root, "test")
+    if cfg.train_subset:
+        xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
+    norm = (info["mean"], info["std"]) if cfg.normalize else (None, None)
+    aug = Augment(cfg.crop_padding, cfg.flip) if cfg.augment else None
+    train = TensorLoader(
+        xtr,
+        ytr,
+        cfg.batch_size,
+        device=device,
+        shuffle=True,
+        seed=seed,
+        augment=aug,
+        mean=norm[0],
+        std=norm[1],
+        rank=rank,
+        world_size=world_size,
+        channels_last=channels_last,
+    )
+    test = TensorLoader(
+        xte,
+        yte,
+        cfg.eval_batch_size,
+        device=device,
+        shuffle=False,
+        mean=norm[0],
+        std=norm[1],
+        rank=rank,
+        world_size=world_size,
+        channels_last=channels_last,
+    )
+    return train, test, info

@@ -1,0 +1,30 @@
+"""A plain multi-layer perceptron (the demo's model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "mlp"]
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear+ReLU blocks named ``fc1..fcN`` and a classifier ``fc``."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        dims = [in_features, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.fc = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        return self.fc(x)
+
+
+def mlp(in_features: int = 64, hidden: Sequence[int] = (256, 256), num_classes: int = 10) -> MLP:
+    return MLP(in_features, list(hidden), num_classes)
