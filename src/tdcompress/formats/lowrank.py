@@ -1,0 +1,175 @@
+"""Low-rank format (``"svd"``): a weight as the product of two thin factors.
+
+* Linear ``W (M, N) = A (M, r) @ B (r, N)``: two Linears, ``N -> r -> M``.
+* Conv2d ``W (O, I, kh, kw)`` read as the matrix ``(O, I*kh*kw) = A (O, r) @ B (r, I*kh*kw)``:
+  a ``kh x kw`` convolution ``I -> r`` (carrying stride, padding, dilation), then a 1x1
+  convolution ``r -> O``.
+
+Spec: ``ranks = (r,)`` (one int), clipped to ``min(M, N)`` (``min(O, I*kh*kw)``); no
+``out_factors``/``in_factors``/``layout``. Factors (parameter-shaped, what :meth:`decompose`
+returns and the layers hold): ``[A (M, r), B (r, N)]`` for Linear, ``[A (O, r),
+B (r, I, kh, kw)]`` for Conv2d. ``spec.options["balanced"]`` (default True): the factors
+share the singular values evenly (``A = U sqrt(S)``, ``B = sqrt(S) V^T``).
+
+The forward plans (:func:`lowrank_plans`, shared with the layers so MAC counts are what
+the forward does): ``"factored"`` (two steps) or ``"dense"`` (reconstruct, one op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, register_format
+from tdcompress.tensor import lowrank_project, lowrank_svd
+
+__all__ = ["LowRankFormat", "lowrank_plans", "check_ranks", "check_no_shapes", "check_groups"]
+
+
+def check_ranks(ranks: Any, n: int, layer_name: str, fmt_name: str, meaning: str) -> list[int]:
+    """``ranks`` as ``n`` ints >= 1 (one int, a 1-sequence or an ``n``-sequence)."""
+    if isinstance(ranks, torch.Tensor):
+        ranks = ranks.tolist()
+    if isinstance(ranks, Sequence) and not isinstance(ranks, str):
+        vals = list(ranks)
+        if len(vals) == 1:
+            vals = vals * n
+        if len(vals) != n:
+            raise ValueError(
+                f"{layer_name}: ranks {list(ranks)} has {len(vals)} entries, but format "
+                f"{fmt_name!r} takes one int or {n} ints ({meaning})"
+            )
+    else:
+        vals = [ranks] * n
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
+        if v < 1:
+            raise ValueError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
+    return [int(v) for v in vals]
+
+
+def check_no_shapes(
+    fmt_name: str,
+    layer_name: str,
+    out_factors: Any,
+    in_factors: Any,
+    layout: Any,
+) -> None:
+    for nm, v in (("out_factors", out_factors), ("in_factors", in_factors), ("layout", layout)):
+        if v is not None:
+            raise ValueError(
+                f"{layer_name}: format {fmt_name!r} takes no {nm}, got {nm}={v!r}; allowed: None"
+            )
+
+
+def check_groups(geometry: LayerGeometry, fmt_name: str, layer_name: str) -> None:
+    if geometry.kind == "conv2d" and geometry.groups != 1:
+        raise ValueError(
+            f"{layer_name}: format {fmt_name!r} needs groups=1, got groups={geometry.groups}; "
+            "grouped and depthwise convolutions are not supported"
+        )
+
+
+def _k(geometry: LayerGeometry) -> int:
+    return geometry.kernel_size[0] * geometry.kernel_size[1]
+
+
+def lowrank_plans(
+    geometry: LayerGeometry, rank: int, batch: int, input_hw: tuple[int, int] | None = None
+) -> dict[str, int]:
+    """MACs of each forward plan (``"factored"``, ``"dense"``) for ``batch`` samples
+    (rows of a Linear input; images of a conv input of spatial size ``input_hw``)."""
+    g, r = geometry, rank
+    O, I = g.out_features, g.in_features
+    if g.kind == "linear":
+        return {"factored": batch * r * (I + O), "dense": O * r * I + batch * O * I}
+    if input_hw is None:
+        raise ValueError("input_hw is required to count the MACs of a conv2d layer")
+    ho, wo = g.output_hw(input_hw)
+    q, k = ho * wo, _k(g)
+    return {
+        "factored": batch * q * r * (I * k + O),
+        "dense": O * r * I * k + batch * q * O * I * k,
+    }
+
+
+def best_plan(plans: dict[str, int]) -> str:
+    """The cheapest plan; ties go to the earliest (factored before dense)."""
+    return min(plans, key=lambda name: plans[name])
+
+
+class LowRankFormat(Format):
+    """Low rank ``W = A B`` (see the module docstring)."""
+
+    name = "svd"
+    kinds = ("linear", "conv2d")
+
+    def resolve(
+        self,
+        geometry: LayerGeometry,
+        ranks: int | tuple[int, ...] | list[int],
+        *,
+        out_factors: tuple[int, ...] | None = None,
+        in_factors: tuple[int, ...] | None = None,
+        layout: str | None = None,
+        layer_name: str = "layer",
+    ) -> FactorSpec:
+        self.check_kind(geometry, layer_name)
+        check_groups(geometry, self.name, layer_name)
+        check_no_shapes(self.name, layer_name, out_factors, in_factors, layout)
+        (r,) = check_ranks(ranks, 1, layer_name, self.name, "the rank r of W = A B")
+        spec = FactorSpec(format=self.name, ranks=(r,))
+        return FactorSpec(format=self.name, ranks=(min(r, self.max_ranks(geometry, spec)[0]),))
+
+    def max_ranks(self, geometry: LayerGeometry, spec: FactorSpec) -> tuple[int, ...]:
+        return (min(geometry.out_features, geometry.in_features * _k(geometry)),)
+
+    @staticmethod
+    def _matrix(weight: torch.Tensor) -> torch.Tensor:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() not in (2, 4):
+            raise ValueError(
+                f"weight must be a Linear (2-D) or Conv2d (4-D) weight, got shape "
+                f"{tuple(weight.shape)}"
+            )
+        return weight.reshape(weight.shape[0], -1)
+
+    def project(self, weight: torch.Tensor, spec: FactorSpec) -> torch.Tensor:
+        return lowrank_project(self._matrix(weight), spec.ranks[0]).reshape(weight.shape)
+
+    def decompose(self, weight: torch.Tensor, spec: FactorSpec) -> list[torch.Tensor]:
+        """``[A (O, r), B (r, I[, kh, kw])]`` with ``A @ B.reshape(r, -1)`` the projection."""
+        A, B = lowrank_svd(
+            self._matrix(weight), spec.ranks[0], balanced=bool(spec.options.get("balanced", True))
+        )
+        return [A, B.reshape(B.shape[0], *weight.shape[1:])]
+
+    def build(
+        self,
+        geometry: LayerGeometry,
+        factors: list[torch.Tensor],
+        spec: FactorSpec,
+        bias: torch.Tensor | None = None,
+    ) -> nn.Module:
+        from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
+
+        cls = LowRankLinear if geometry.kind == "linear" else LowRankConv2d
+        return cls.from_factors(geometry, factors, spec, bias)
+
+    def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
+        g, r = geometry, spec.ranks[0]
+        return r * (g.out_features + g.in_features * _k(g)) + (g.out_features if g.bias else 0)
+
+    def macs(
+        self, geometry: LayerGeometry, spec: FactorSpec, input_hw: tuple[int, int] | None = None
+    ) -> int:
+        plans = lowrank_plans(geometry, spec.ranks[0], 1, input_hw)
+        return plans[best_plan(plans)]
+
+
+register_format(LowRankFormat())

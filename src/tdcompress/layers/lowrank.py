@@ -1,0 +1,288 @@
+"""Low-rank layers (format ``"svd"``): :class:`LowRankLinear` (``N -> r -> M``) and
+:class:`LowRankConv2d` (``kh x kw`` conv ``I -> r``, then 1x1 ``r -> O``). The forward picks
+the cheaper of the factored and the reconstruct-then-dense plan for the actual input shape
+(:func:`tdcompress.formats.lowrank.lowrank_plans`) and caches the choice per shape."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tdcompress.formats.lowrank  # noqa: F401  (registers the "svd" format)
+from tdcompress.formats.base import FactorSpec, LayerGeometry
+from tdcompress.formats.lowrank import best_plan, lowrank_plans
+from tdcompress.layers._base import MAX_PLANS, FactorizedLayer
+
+__all__ = ["LowRankLinear", "LowRankConv2d", "SmallFactorizedLayer", "conv_geometry"]
+
+
+def conv_geometry(
+    layer_name: str,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int],
+    dilation: int | tuple[int, int],
+    groups: int,
+    bias: bool,
+) -> LayerGeometry:
+    """A validated conv geometry; errors name ``layer_name``."""
+    try:
+        g = LayerGeometry(
+            "conv2d",
+            out_channels,
+            in_channels,
+            kernel_size=kernel_size,  # type: ignore[arg-type]
+            stride=stride,  # type: ignore[arg-type]
+            padding=padding,  # type: ignore[arg-type]
+            dilation=dilation,  # type: ignore[arg-type]
+            groups=groups,
+            bias=bool(bias),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{layer_name}: {e}") from None
+    for nm in ("kernel_size", "stride", "dilation"):
+        if min(getattr(g, nm)) < 1:
+            raise ValueError(f"{layer_name}: {nm} must be ints >= 1, got {getattr(g, nm)}")
+    if min(g.padding) < 0:
+        raise ValueError(f"{layer_name}: padding must be ints >= 0, got {g.padding}")
+    return g
+
+
+class SmallFactorizedLayer(FactorizedLayer):
+    """Base of the low-rank and Tucker-2 layers: the factors live in ``self.cores`` (in the
+    order :meth:`Format.decompose` returns them), so ``from_dense``/``from_factors`` of
+    :class:`FactorizedLayer` apply unchanged."""
+
+    def _setup_factors(
+        self,
+        geometry: LayerGeometry,
+        spec: FactorSpec,
+        shapes: Sequence[tuple[int, ...]],
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.geometry = geometry
+        self.spec = spec
+        self._plans: dict[tuple[int, ...], str] = {}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.cores = nn.ParameterList([nn.Parameter(torch.empty(s, **kw)) for s in shapes])
+        if geometry.bias:
+            self.bias = nn.Parameter(torch.empty(geometry.out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def _n_terms(self) -> int:
+        """Number of products summed into one weight entry (the bond sizes)."""
+        return math.prod(self.spec.ranks)
+
+    def reset_parameters(self) -> None:
+        """Random factors whose product has the variance of PyTorch's default dense init,
+        ``1 / (3 fan_in)``; bias uniform in ``+-1/sqrt(fan_in)``."""
+        g = self.geometry
+        fan_in = g.in_features * g.kernel_size[0] * g.kernel_size[1]
+        d = len(self.cores)
+        std = (1.0 / (3.0 * fan_in * self._n_terms())) ** (0.5 / d)
+        with torch.no_grad():
+            for c in self.cores:
+                c.normal_(0.0, std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+
+    def _plan(self, key: tuple[int, ...], plans: Any) -> str:
+        """The cached plan for ``key``; ``plans()`` gives the MACs of each plan."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = best_plan(plans())
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _shape_repr(self) -> str:
+        return f"ranks={tuple(self.spec.ranks)}"
+
+
+class LowRankLinear(SmallFactorizedLayer):
+    """Linear layer ``y = A (B x) + b`` with ``A (M, r)``, ``B (r, N)`` (format ``"svd"``).
+
+    ``rank`` is clipped to ``min(in_features, out_features)``.
+    """
+
+    format_name = "svd"
+    kind = "linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int | Sequence[int],
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        try:
+            geometry = LayerGeometry.linear(in_features, out_features, bias=bool(bias))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
+        spec = self._format().resolve(geometry, rank, layer_name=name)  # type: ignore[arg-type]
+        r = spec.ranks[0]
+        self._setup_factors(geometry, spec, [(out_features, r), (r, in_features)], device, dtype)
+
+    @classmethod
+    def _from_spec(
+        cls, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
+    ) -> FactorizedLayer:
+        return cls(
+            geometry.in_features,
+            geometry.out_features,
+            spec.ranks[0],
+            bias=geometry.bias,
+            device=device,
+            dtype=dtype,
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.geometry.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.geometry.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.spec.ranks[0]
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight ``A @ B`` (differentiable)."""
+        return self.cores[0] @ self.cores[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        if x.dim() < 1 or x.shape[-1] != g.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input must have last dimension {g.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        rows = math.prod(int(v) for v in x.shape[:-1])
+        plan = self._plan((rows,), lambda: lowrank_plans(g, self.rank, rows))
+        A, B = self.cores[0], self.cores[1]
+        if plan == "dense":
+            return F.linear(x, A @ B, self.bias)
+        return F.linear(F.linear(x, B), A, self.bias)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"in_features={g.in_features}, out_features={g.out_features}, rank={self.rank}, "
+            f"bias={g.bias}"
+        )
+
+
+class LowRankConv2d(SmallFactorizedLayer):
+    """Conv2d whose kernel, read as an ``(O, I*kh*kw)`` matrix, has rank ``r``: a
+    ``kh x kw`` conv ``I -> r`` (stride, padding, dilation) then a 1x1 conv ``r -> O``
+    (with the bias). ``rank`` is clipped to ``min(O, I*kh*kw)``; ``groups`` must be 1."""
+
+    format_name = "svd"
+    kind = "conv2d"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        rank: int | Sequence[int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        g = conv_geometry(
+            name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias
+        )
+        spec = self._format().resolve(g, rank, layer_name=name)  # type: ignore[arg-type]
+        r = spec.ranks[0]
+        shapes = [(out_channels, r), (r, in_channels, *g.kernel_size)]
+        self._setup_factors(g, spec, shapes, device, dtype)
+
+    @classmethod
+    def _from_spec(
+        cls, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
+    ) -> FactorizedLayer:
+        g = geometry
+        return cls(
+            g.in_features,
+            g.out_features,
+            g.kernel_size,
+            spec.ranks[0],
+            stride=g.stride,
+            padding=g.padding,
+            dilation=g.dilation,
+            groups=g.groups,
+            bias=g.bias,
+            device=device,
+            dtype=dtype,
+        )
+
+    in_channels = property(lambda self: self.geometry.in_features)
+    out_channels = property(lambda self: self.geometry.out_features)
+    kernel_size = property(lambda self: self.geometry.kernel_size)
+    stride = property(lambda self: self.geometry.stride)
+    padding = property(lambda self: self.geometry.padding)
+    dilation = property(lambda self: self.geometry.dilation)
+
+    @property
+    def rank(self) -> int:
+        return self.spec.ranks[0]
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(O, I, kh, kw)`` kernel (differentiable)."""
+        A, B = self.cores[0], self.cores[1]
+        return (A @ B.reshape(B.shape[0], -1)).reshape(A.shape[0], *B.shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        if x.dim() != 4 or x.shape[1] != g.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input must have shape (N, {g.in_features}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        n, h, w = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+        plan = self._plan((n, h, w), lambda: lowrank_plans(g, self.rank, n, (h, w)))
+        conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
+        if plan == "dense":
+            return F.conv2d(x, self.to_dense(), self.bias, **conv)
+        A, B = self.cores[0], self.cores[1]
+        t = F.conv2d(x, B, None, **conv)
+        return F.conv2d(t, A[:, :, None, None], self.bias)
+
+    def extra_repr(self) -> str:
+        return _conv_repr(self.geometry, f"rank={self.rank}")
+
+
+def _conv_repr(g: LayerGeometry, ranks: str) -> str:
+    s = f"{g.in_features}, {g.out_features}, kernel_size={g.kernel_size}, stride={g.stride}"
+    if g.padding != (0, 0):
+        s += f", padding={g.padding}"
+    if g.dilation != (1, 1):
+        s += f", dilation={g.dilation}"
+    return f"{s}, {ranks}, bias={g.bias}"
