@@ -1,0 +1,246 @@
+""":class:`FactorizedLSTM`: an ``nn.LSTM``-compatible LSTM whose input-to-hidden matrices
+are arbitrary (factorized) linear modules, as in TT-LSTM (Yang et al. 2017).
+
+Each layer ``k`` maps its whole input sequence through ``input_layers[k]`` (one call on all
+``T * B`` rows: ``(.., in_k) -> (.., 4 * hidden_size)``, the four gates sharing one
+factorized matrix), adds ``bias_ih_l{k} + bias_hh_l{k}``, then runs the recurrence with the
+dense ``weight_hh_l{k}`` (4H, H). Gate order is PyTorch's: input, forget, cell, output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FactorizedLSTM"]
+
+
+def _features(module: nn.Module, attr: str) -> int | None:
+    v = getattr(module, attr, None)
+    return v if isinstance(v, int) else None
+
+
+class FactorizedLSTM(nn.Module):
+    """LSTM with factorized input-to-hidden matrices (see the module docstring).
+
+    Same constructor arguments, input/output shapes and ``(h_0, c_0)`` handling as
+    ``nn.LSTM`` (``proj_size`` and ``bidirectional`` are not supported). ``input_layers``:
+    one module (or None) per layer mapping ``in_k`` features to ``4 * hidden_size``
+    (``in_0 = input_size``, otherwise ``hidden_size``); None gives a dense ``nn.Linear``
+    without bias, initialised like ``nn.LSTM``'s ``weight_ih``. Any bias of a given module is
+    added on top of ``bias_ih + bias_hh``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        *,
+        input_layers: Sequence[nn.Module | None] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        for nm, v in (
+            ("input_size", input_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {nm} must be an int >= 1, got {v!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float):
+            raise TypeError(f"{name}: dropout must be a number in [0, 1], got {dropout!r}")
+        if not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"{name}: dropout must be a number in [0, 1], got {dropout!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        if input_layers is None:
+            input_layers = [None] * num_layers
+        input_layers = list(input_layers)
+        if len(input_layers) != num_layers:
+            raise ValueError(
+                f"{name}: input_layers has {len(input_layers)} entries, expected one per layer "
+                f"(num_layers={num_layers})"
+            )
+        kw = {"device": device, "dtype": dtype}
+        H = hidden_size
+        mods: list[nn.Module] = []
+        default: list[bool] = []
+        for k, m in enumerate(input_layers):
+            in_k = input_size if k == 0 else H
+            if m is None:
+                m = nn.Linear(in_k, 4 * H, bias=False, **kw)
+                default.append(True)
+            else:
+                if not isinstance(m, nn.Module):
+                    raise TypeError(
+                        f"{name}: input_layers[{k}] must be an nn.Module or None, got "
+                        f"{type(m).__name__}"
+                    )
+                fi, fo = _features(m, "in_features"), _features(m, "out_features")
+                if (fi is not None and fi != in_k) or (fo is not None and fo != 4 * H):
+                    raise ValueError(
+                        f"{name}: input_layers[{k}] maps {fi} -> {fo} features; layer {k} "
+                        f"needs {in_k} -> {4 * H} (4 * hidden_size)"
+                    )
+                default.append(False)
+            mods.append(m)
+        self.input_layers = nn.ModuleList(mods)
+        for k in range(num_layers):
+            self.register_parameter(f"weight_hh_l{k}", nn.Parameter(torch.empty(4 * H, H, **kw)))
+            if self.bias:
+                self.register_parameter(f"bias_ih_l{k}", nn.Parameter(torch.empty(4 * H, **kw)))
+                self.register_parameter(f"bias_hh_l{k}", nn.Parameter(torch.empty(4 * H, **kw)))
+            else:
+                self.register_parameter(f"bias_ih_l{k}", None)
+                self.register_parameter(f"bias_hh_l{k}", None)
+        self._default = default
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.LSTM``'s init, uniform in ``+-1/sqrt(hidden_size)``, for the recurrent
+        weights, the biases and the default dense input layers; given input layers keep
+        their own parameters."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for k in range(self.num_layers):
+                for nm in ("weight_hh", "bias_ih", "bias_hh"):
+                    p = getattr(self, f"{nm}_l{k}")
+                    if p is not None:
+                        p.uniform_(-bound, bound)
+                if self._default[k]:
+                    self.input_layers[k].weight.uniform_(-bound, bound)
+
+    @classmethod
+    def from_lstm(
+        cls,
+        lstm: nn.LSTM,
+        input_layers: Sequence[nn.Module | None] | None = None,
+    ) -> FactorizedLSTM:
+        """A FactorizedLSTM carrying ``lstm``'s recurrent weights and biases, with
+        ``input_layers[k]`` replacing ``weight_ih_l{k}`` (None: a dense ``nn.Linear`` holding
+        a copy of ``weight_ih_l{k}``). The given modules are used as they are (not copied)."""
+        name = f"{cls.__name__}.from_lstm"
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"{name}: lstm must be an nn.LSTM, got {type(lstm).__name__}")
+        if lstm.proj_size or lstm.bidirectional:
+            raise ValueError(
+                f"{name}: proj_size={lstm.proj_size}, bidirectional={lstm.bidirectional} "
+                "is not supported; allowed: proj_size=0, bidirectional=False"
+            )
+        ref = lstm.weight_hh_l0
+        out = cls(
+            lstm.input_size,
+            lstm.hidden_size,
+            lstm.num_layers,
+            bias=lstm.bias,
+            batch_first=lstm.batch_first,
+            dropout=lstm.dropout,
+            input_layers=input_layers,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            for k in range(lstm.num_layers):
+                names = ["weight_hh"] + (["bias_ih", "bias_hh"] if lstm.bias else [])
+                for nm in names:
+                    getattr(out, f"{nm}_l{k}").copy_(getattr(lstm, f"{nm}_l{k}"))
+                if out._default[k]:
+                    out.input_layers[k].weight.copy_(getattr(lstm, f"weight_ih_l{k}"))
+        out.train(lstm.training)
+        return out
+
+    def _check_state(self, t: torch.Tensor, nm: str, batch: int | None) -> None:
+        want = (
+            (self.num_layers, self.hidden_size)
+            if batch is None
+            else (
+                self.num_layers,
+                batch,
+                self.hidden_size,
+            )
+        )
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{type(self).__name__}: {nm} must have shape {want}, got {got}")
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        hx: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``input`` (T, B, I), (B, T, I) with ``batch_first``, or unbatched (T, I);
+        returns ``output, (h_n, c_n)`` with ``nn.LSTM``'s shapes."""
+        name = type(self).__name__
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{name}: input must have shape (T, B, {self.input_size}) "
+                f"({'(B, T, ...)' if self.batch_first else 'or batch_first'}) or "
+                f"(T, {self.input_size}), got {tuple(input.shape)}"
+            )
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else input
+        if self.batch_first and not unbatched:
+            x = x.transpose(0, 1)
+        T, B = int(x.shape[0]), int(x.shape[1])
+        H, L = self.hidden_size, self.num_layers
+        if hx is None:
+            h0 = x.new_zeros(L, B, H)
+            c0 = h0
+        else:
+            h0, c0 = hx
+            self._check_state(h0, "h_0", None if unbatched else B)
+            self._check_state(c0, "c_0", None if unbatched else B)
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        hn, cn = [], []
+        for k in range(L):
+            if k > 0 and self.dropout > 0.0 and self.training:
+                x = F.dropout(x, self.dropout, True)
+            gx = self.input_layers[k](x.reshape(T * B, x.shape[-1])).reshape(T, B, 4 * H)
+            b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+            if b_ih is not None:
+                gx = gx + (b_ih + b_hh)
+            w_hh_t = getattr(self, f"weight_hh_l{k}").t()
+            h, c = h0[k], c0[k]
+            outs = []
+            for t in range(T):
+                g = torch.addmm(gx[t], h, w_hh_t)
+                i, f, gg, o = g.chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            x = torch.stack(outs)
+            hn.append(h)
+            cn.append(c)
+        h_n, c_n = torch.stack(hn), torch.stack(cn)
+        if unbatched:
+            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        return x, (h_n, c_n)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        return s
