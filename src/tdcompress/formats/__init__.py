@@ -3,7 +3,7 @@
 Importing this package registers ``"tt"``, ``"tr"``, ``"tucker2"`` and ``"svd"``.
 """
 
-from tdcompress.formats import tr, tt  # noqa: F401  (register the formats)
+from tdcompress.formats import lowrank, tr, tt, tucker2  # noqa: F401  (register the formats)
 from tdcompress.formats.base import (
     FactorSpec,
     Format,
