@@ -456,6 +456,28 @@ def cpu_pressure() -> str | None:
         return None
 
 
+def pressure_avg10() -> float | None:
+    """The 10-second CPU pressure average in percent (None where the kernel lacks PSI)."""
+    line = cpu_pressure()
+    if line is None:
+        return None
+    fields = dict(f.split("=") for f in line.split()[1:])
+    return float(fields["avg10"])
+
+
+def wait_quiet(limit: float, max_wait_s: float, log: Callable[[str], None] = print) -> float:
+    """Waits (up to ``max_wait_s``) until other load is below ``limit`` percent CPU pressure;
+    returns the seconds waited. Timings on a shared 2-core machine are meaningless while
+    another job holds a core: 2-thread LAPACK calls then run 10-500x slower."""
+    t0 = time.perf_counter()
+    while (p := pressure_avg10()) is not None and p > limit:
+        if time.perf_counter() - t0 > max_wait_s:
+            log(f"  cpu pressure still {p:.0f}% after {max_wait_s:.0f} s: running anyway")
+            break
+        time.sleep(5)
+    return time.perf_counter() - t0
+
+
 def environment() -> dict[str, Any]:
     """Versions, threads, allocator settings and the date of this run."""
     versions: dict[str, str | None] = {"torch": torch.__version__, "numpy": np.__version__}
@@ -551,6 +573,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--input", choices=INPUTS, default="gaussian",
                    help="gaussian layer weights (default) or power-law spectra (--alpha)")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (default 1)")
+    p.add_argument("--quiet-below", type=float, default=None, metavar="PCT",
+                   help="before each case, wait until the CPU pressure (avg10) is below PCT")
+    p.add_argument("--max-wait", type=float, default=300.0,
+                   help="longest wait per case for --quiet-below, seconds (default 300)")
     args = p.parse_args(argv)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
@@ -574,8 +600,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{env['torch_threads']}  MALLOC env {env['malloc_env'] or 'unset (glibc default)'}"
           f"  cpu pressure: {env['cpu_pressure_start']}")
     t0 = time.perf_counter()
-    results = [run_case(c, libs, args.repeats, kind=args.input, alpha=args.alpha)
-               for c in cases]
+    results = []
+    for c in cases:
+        waited = 0.0
+        if args.quiet_below is not None:
+            waited = wait_quiet(args.quiet_below, args.max_wait)
+        start = cpu_pressure()
+        res = run_case(c, libs, args.repeats, kind=args.input, alpha=args.alpha)
+        res["cpu_pressure"] = {"waited_s": round(waited, 1), "start": start,
+                               "end": cpu_pressure()}
+        results.append(res)
     env["wall_s"] = round(time.perf_counter() - t0, 1)
     env["cpu_pressure_end"] = cpu_pressure()
     env["argv"] = list(sys.argv[1:] if argv is None else argv)
