@@ -1,0 +1,190 @@
+"""FactorizedLSTM: at full rank it matches nn.LSTM carrying the same weights (batch_first
+both ways, 2 layers, given (h0, c0), unbatched, no bias); the input layer runs once per
+layer on all time steps; gradcheck; counts; trace/export; errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+from tdcompress.layers.lowrank import LowRankLinear
+from tdcompress.layers.lstm import FactorizedLSTM
+
+D = torch.float64
+
+
+def _dense_ih(lstm: nn.LSTM, k: int) -> nn.Linear:
+    w = getattr(lstm, f"weight_ih_l{k}")
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False).to(w)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+def _tt_full_rank(lin: nn.Linear) -> nn.Module:
+    tt = pytest.importorskip("tdcompress.layers.tt")
+    return tt.TTLinear.from_dense(lin, 10**4, out_factors=(4, 4), in_factors=(2, 3))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["lowrank", "tt", "dense"])
+def test_full_rank_matches_nn_lstm(batch_first, bias, kind) -> None:
+    torch.manual_seed(0)
+    ref = nn.LSTM(6, 4, num_layers=2, bias=bias, batch_first=batch_first).double()
+    if kind == "lowrank":
+        layers = [LowRankLinear.from_dense(_dense_ih(ref, 0), 100), None]
+    elif kind == "tt":
+        layers = [_tt_full_rank(_dense_ih(ref, 0)), LowRankLinear.from_dense(_dense_ih(ref, 1), 4)]
+    else:
+        layers = None
+    f = FactorizedLSTM.from_lstm(ref, layers)
+    T, B = 5, 3
+    x = torch.randn(*((B, T) if batch_first else (T, B)), 6, dtype=D)
+    h0 = torch.randn(2, B, 4, dtype=D)
+    c0 = torch.randn(2, B, 4, dtype=D)
+    for hx in ((h0, c0), None):
+        out, (h, c) = f(x, hx)
+        out_r, (h_r, c_r) = ref(x, hx)
+        torch.testing.assert_close(out, out_r, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(h, h_r, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c, c_r, rtol=1e-10, atol=1e-12)
+    # unbatched input (T, I) with unbatched state
+    xu = x[0] if batch_first else x[:, 0]
+    out, (h, c) = f(xu, (h0[:, 0], c0[:, 0]))
+    out_r, (h_r, c_r) = ref(xu, (h0[:, 0], c0[:, 0]))
+    torch.testing.assert_close(out, out_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c, c_r, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_match_nn_lstm() -> None:
+    torch.manual_seed(1)
+    ref = nn.LSTM(3, 2, num_layers=2).double()
+    f = FactorizedLSTM.from_lstm(ref)
+    x = torch.randn(4, 2, 3, dtype=D)
+    ref(x)[0].square().sum().backward()
+    f(x)[0].square().sum().backward()
+    for k in range(2):
+        torch.testing.assert_close(f.input_layers[k].weight.grad, ref.all_weights[k][0].grad)
+        for nm in ("weight_hh", "bias_ih", "bias_hh"):
+            g_f = getattr(f, f"{nm}_l{k}").grad
+            torch.testing.assert_close(g_f, getattr(ref, f"{nm}_l{k}").grad)
+
+
+def test_input_layer_called_once_on_all_steps() -> None:
+    torch.manual_seed(2)
+    lr = LowRankLinear(6, 16, 2)
+    f = FactorizedLSTM(6, 4, num_layers=2, input_layers=[lr, None])
+    calls: list[tuple[int, ...]] = []
+    lr.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    f(torch.randn(7, 3, 6))
+    assert calls == [(21, 6)]
+
+
+def test_gradcheck() -> None:
+    torch.manual_seed(3)
+    f = FactorizedLSTM(
+        3,
+        2,
+        num_layers=2,
+        batch_first=True,
+        dtype=D,
+        input_layers=[LowRankLinear(3, 8, 2, dtype=D), None],
+    )
+    names = [n for n, _ in f.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in f.parameters())
+    x = torch.randn(2, 3, 3, dtype=D, requires_grad=True)
+    h0 = torch.randn(2, 2, 2, dtype=D, requires_grad=True)
+    c0 = torch.randn(2, 2, 2, dtype=D, requires_grad=True)
+
+    def fn(x, h0, c0, *ps):
+        out, (h, c) = torch.func.functional_call(f, dict(zip(names, ps)), (x, (h0, c0)))
+        return out, h, c
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params))
+
+
+def test_counts_init_and_repr() -> None:
+    torch.manual_seed(4)
+    ref = nn.LSTM(10, 8, num_layers=2)
+    f = FactorizedLSTM(10, 8, num_layers=2)
+    assert sum(p.numel() for p in f.parameters()) == sum(p.numel() for p in ref.parameters())
+    bound = 8**-0.5
+    assert all(p.abs().max() <= bound for p in f.parameters())
+    assert f.weight_hh_l1.std() > 0.5 * bound / 3**0.5
+    lr = LowRankLinear(10, 32, 3, bias=False)
+    g = FactorizedLSTM.from_lstm(ref, [lr, None])
+    want = sum(p.numel() for p in ref.parameters()) - 32 * 10 + 3 * (10 + 32)
+    assert sum(p.numel() for p in g.parameters()) == want
+    assert g.input_layers[0] is lr
+    assert "10, 8, num_layers=2" in repr(g) and "LowRankLinear" in repr(g)
+
+
+def test_dropout_only_in_training() -> None:
+    torch.manual_seed(5)
+    ref = nn.LSTM(3, 4, num_layers=2, dropout=0.5).eval()
+    f = FactorizedLSTM.from_lstm(ref)
+    assert f.dropout == 0.5 and not f.training
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(f(x)[0], ref(x)[0])
+    f.train()
+    assert not torch.allclose(f(x)[0], ref(x)[0])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_trace_and_export() -> None:
+    torch.manual_seed(6)
+    f = FactorizedLSTM(
+        6, 4, num_layers=2, batch_first=True, input_layers=[LowRankLinear(6, 16, 2), None]
+    ).eval()
+    x = torch.randn(3, 5, 6)
+    ref = f(x)
+    traced = torch.jit.trace(f, (x,))
+    torch.testing.assert_close(traced(x), ref)
+    ep = torch.export.export(f, (x,))
+    torch.testing.assert_close(ep.module()(x), ref)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+    reason="onnx (and onnxscript, which torch.onnx.export needs) not installed",
+)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_export(tmp_path) -> None:
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    torch.manual_seed(7)
+    f = FactorizedLSTM(6, 4, input_layers=[LowRankLinear(6, 16, 2)]).eval()
+    x = torch.randn(3, 2, 6)
+    path = str(tmp_path / "lstm.onnx")
+    torch.onnx.export(f, (x,), path)
+    model = onnx.load(path)
+    (y, *_) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), f(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match=r"FactorizedLSTM: input_layers has 1 entries.*=2"):
+        FactorizedLSTM(6, 4, num_layers=2, input_layers=[None])
+    with pytest.raises(ValueError, match=r"input_layers\[0\] maps 6 -> 12 features.*6 -> 16"):
+        FactorizedLSTM(6, 4, input_layers=[LowRankLinear(6, 12, 2)])
+    with pytest.raises(TypeError, match=r"input_layers\[0\] must be an nn.Module or None"):
+        FactorizedLSTM(6, 4, input_layers=["dense"])
+    with pytest.raises(ValueError, match=r"FactorizedLSTM: hidden_size must be an int >= 1, got 0"):
+        FactorizedLSTM(6, 0)
+    with pytest.raises(ValueError, match=r"from_lstm: proj_size=0, bidirectional=True"):
+        FactorizedLSTM.from_lstm(nn.LSTM(3, 4, bidirectional=True))
+    with pytest.raises(TypeError, match=r"lstm must be an nn.LSTM, got GRU"):
+        FactorizedLSTM.from_lstm(nn.GRU(3, 4))
+    f = FactorizedLSTM(6, 4, num_layers=2)
+    with pytest.raises(ValueError, match=r"FactorizedLSTM: h_0 must have shape \(2, 3, 4\)"):
+        f(torch.randn(5, 3, 6), (torch.zeros(1, 3, 4), torch.zeros(2, 3, 4)))
+    with pytest.raises(ValueError, match=r"FactorizedLSTM: input must have shape"):
+        f(torch.randn(5, 3, 7))
