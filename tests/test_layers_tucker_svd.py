@@ -255,3 +255,23 @@ def test_onnx_export(tmp_path) -> None:
         (y,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(y), layer(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [Tucker2Conv2d, LowRankConv2d])
+@pytest.mark.parametrize("grad", [True, False])
+def test_channels_last_and_no_grad_paths(cls, grad) -> None:
+    """NHWC inputs (1x1 stages as GEMMs on the NHWC view) and the inference path give the
+    dense result for every plan; an NCHW input gives an NCHW-contiguous output."""
+    torch.manual_seed(6)
+    ranks = (3, 2) if cls is Tucker2Conv2d else 2
+    layer = cls(5, 7, 3, ranks, stride=2, padding=1, dtype=D)
+    x = torch.randn(3, 5, 9, 8, dtype=D)
+    ref = _ref_conv(layer, x).detach()
+    for plan in CONV_PLANS[cls]:
+        layer._plans[(3, 9, 8)] = plan
+        with torch.set_grad_enabled(grad):
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                y = layer(inp)
+                torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10, msg=plan)
+                if inp.is_contiguous():
+                    assert y.is_contiguous()

@@ -16,7 +16,13 @@ import tdcompress.formats.tucker2  # noqa: F401  (registers the "tucker2" format
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.tucker2 import reconstruct_order, tucker2_plans
 from tdcompress.layers._base import FactorizedLayer
-from tdcompress.layers.lowrank import SmallFactorizedLayer, _conv_repr, conv_geometry
+from tdcompress.layers.lowrank import (
+    SmallFactorizedLayer,
+    _conv_repr,
+    conv_geometry,
+    pointwise,
+    training_nhwc,
+)
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -25,7 +31,8 @@ def _merge_in(core: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
     """core (ro, ri, kh, kw) x_1 U_in (I, ri) -> (ro, I, kh, kw)."""
     ro, ri, kh, kw = core.shape
     t = (core.permute(0, 2, 3, 1).reshape(-1, ri) @ u_in.t()).reshape(ro, kh, kw, -1)
-    return t.permute(0, 3, 1, 2)
+    # contiguous: a channels_last-strided weight would make the conv output channels_last
+    return t.permute(0, 3, 1, 2).contiguous()
 
 
 def _merge_out(core: torch.Tensor, u_out: torch.Tensor) -> torch.Tensor:
@@ -108,7 +115,7 @@ class Tucker2Conv2d(SmallFactorizedLayer):
         k = g.kernel_size[0] * g.kernel_size[1]
         order, _ = reconstruct_order(g.out_features, g.in_features, ro, ri, k)
         if order == "in_first":
-            return _merge_out(_merge_in(core, u_in).contiguous(), u_out)
+            return _merge_out(_merge_in(core, u_in), u_out)
         return _merge_in(_merge_out(core, u_out), u_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,11 +135,14 @@ class Tucker2Conv2d(SmallFactorizedLayer):
         if plan == "merge_in":
             t = F.conv2d(x, _merge_in(core, u_in), None, **conv)
         else:
-            t = F.conv2d(x, u_in.t()[:, :, None, None])
+            t = pointwise(x, u_in.t())
             if plan == "merge_out":
                 return F.conv2d(t, _merge_out(core, u_out), self.bias, **conv)
+            if training_nhwc(x):
+                t = t.contiguous(memory_format=torch.channels_last)
+                return pointwise(F.conv2d(t, core, None, **conv), u_out, self.bias).contiguous()
             t = F.conv2d(t, core, None, **conv)
-        return F.conv2d(t, u_out[:, :, None, None], self.bias)
+        return pointwise(t, u_out, self.bias)
 
     def extra_repr(self) -> str:
         ro, ri = self.spec.ranks
