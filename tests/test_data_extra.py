@@ -48,7 +48,7 @@ def server(tmp_path):
             super().do_GET()
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(H, directory=str(folder)))
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     t.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/", folder, log
     httpd.shutdown()

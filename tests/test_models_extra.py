@@ -291,3 +291,17 @@ def test_lstm_video_errors():
         m(torch.randn(1, 2, 20))
     with pytest.raises(ValueError, match=r"\(B, T, C, H, W\)"):
         m(torch.randn(2, 12))
+
+
+def test_lstm_video_plans_and_decomposes_exactly_at_full_rank():
+    from tdcompress.planning import plan
+    from tdcompress.surgery import decompose
+
+    torch.manual_seed(0)
+    m = LSTMVideoClassifier(3 * 4 * 6, 16, 3).eval()
+    p = plan(m, "tt", ranks=64, lstm=True, input_shape=(1, 5, 3, 4, 6))
+    assert [lp.param for lp in p.layers] == ["lstm.weight_ih_l0"] and p.layers[0].steps == 5
+    d, _ = decompose(m, p)
+    assert not isinstance(d.lstm, nn.LSTM)
+    x = torch.randn(2, 5, 3, 4, 6)
+    torch.testing.assert_close(d(x), m(x), rtol=1e-5, atol=1e-5)
