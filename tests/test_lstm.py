@@ -188,3 +188,35 @@ def test_errors() -> None:
         f(torch.randn(5, 3, 6), (torch.zeros(1, 3, 4), torch.zeros(2, 3, 4)))
     with pytest.raises(ValueError, match=r"FactorizedLSTM: input must have shape"):
         f(torch.randn(5, 3, 7))
+
+
+@pytest.mark.parametrize("loss", ["output", "state"])
+def test_hand_written_backward_matches_autograd_of_nn_lstm(loss) -> None:
+    """The recurrence's own backward (used in training) against nn.LSTM's gradients, for
+    inputs, initial state and all weights, with losses on the output or the final state."""
+    torch.manual_seed(8)
+    ref = nn.LSTM(4, 3, num_layers=2, batch_first=True).double()
+    f = FactorizedLSTM.from_lstm(ref, [LowRankLinear.from_dense(_dense_ih(ref, 0), 10), None])
+    x = torch.randn(2, 6, 4, dtype=D)
+    h0, c0 = torch.randn(2, 2, 3, dtype=D), torch.randn(2, 2, 3, dtype=D)
+    grads = []
+    for m in (ref, f):
+        xs, hs, cs = (t.clone().requires_grad_() for t in (x, h0, c0))
+        out, (h, c) = m(xs, (hs, cs))
+        val = out.sin().sum() if loss == "output" else (h.square().sum() + c.cos().sum())
+        val.backward()
+        grads.append([xs.grad, hs.grad, cs.grad])
+        grads[-1] += [
+            getattr(m, f"{n}_l{k}").grad
+            for k in range(2)
+            for n in ("weight_hh", "bias_ih", "bias_hh")
+        ]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    w_ih = f.input_layers[0].cores[0] @ f.input_layers[0].cores[1]
+    g_ref = ref.weight_ih_l0.grad
+    # chain rule through W = A B: dL/dA = dL/dW B^T
+    torch.testing.assert_close(
+        f.input_layers[0].cores[0].grad, g_ref @ f.input_layers[0].cores[1].detach().t()
+    )
+    assert w_ih.shape == g_ref.shape

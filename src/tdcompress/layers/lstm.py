@@ -16,7 +16,88 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FactorizedLSTM"]
+__all__ = ["FactorizedLSTM", "recurrence"]
+
+
+def _loop(
+    gx: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor, keep: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The LSTM recurrence over ``gx`` (T, B, 4H); ``keep``: also return the activated
+    gates (T, B, 4H) and the cell states (T, B, H) for :class:`_Recurrence`'s backward."""
+    w_t = w_hh.t()
+    T = gx.shape[0]
+    outs, gates, cells = [], [], []
+    for t in range(T):  # the only loop over time steps
+        g = torch.addmm(gx[t], h, w_t)
+        i, f, gg, o = g.chunk(4, 1)
+        i, f, gg, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(gg), torch.sigmoid(o)
+        c = f * c + i * gg
+        h = o * torch.tanh(c)
+        outs.append(h)
+        if keep:
+            gates.append(torch.cat([i, f, gg, o], 1))
+            cells.append(c)
+    out = torch.stack(outs)
+    if keep:
+        return out, h, c, torch.stack(gates), torch.stack(cells)
+    return out, h, c, None, None
+
+
+class _Recurrence(torch.autograd.Function):
+    """The recurrence with a hand-written backward: 6 ops per step (one small matmul)
+    instead of autograd's ~20 nodes, and one GEMM for the weight gradient (2-3x faster
+    forward+backward on long sequences with small hidden sizes)."""
+
+    @staticmethod
+    def forward(ctx, gx, h0, c0, w_hh):  # noqa: ANN001, ANN205
+        out, h, c, gates, cells = _loop(gx, h0, c0, w_hh, keep=True)
+        ctx.save_for_backward(out, gates, cells, h0, c0, w_hh)
+        return out, c
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_cn):  # noqa: ANN001, ANN205
+        out, gates, cells, h0, c0, w_hh = ctx.saved_tensors
+        T, B, H = out.shape
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        i, f, gg, o = gates.chunk(4, 2)
+        c_prev = torch.cat([c0[None], cells[:-1]])
+        tc = torch.tanh(cells)
+        k_c = o * (1 - tc * tc)  # d c_t / d h_t (through h_t = o tanh(c_t))
+        # d act / d preact times what multiplies the incoming (dc, dc, dc, dh) per gate
+        deriv = torch.cat(
+            [i * (1 - i) * gg, f * (1 - f) * c_prev, (1 - gg * gg) * i, o * (1 - o) * tc], 2
+        )
+        d_g = torch.empty_like(gates)
+        dh = torch.zeros_like(h0)
+        dc = torch.zeros_like(c0) if d_cn is None else d_cn.clone()
+        for t in range(T - 1, -1, -1):
+            dh = dh + d_out[t]
+            dc = torch.addcmul(dc, dh, k_c[t])
+            torch.mul(torch.cat([dc, dc, dc, dh], 1), deriv[t], out=d_g[t])
+            dh = d_g[t] @ w_hh
+            dc = dc * f[t]
+        h_prev = torch.cat([h0[None], out[:-1]])
+        d_w = d_g.reshape(T * B, 4 * H).t() @ h_prev.reshape(T * B, H)
+        return d_g, dh, dc, d_w
+
+
+def recurrence(
+    gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output (T, B, H), h_n, c_n)`` of the LSTM recurrence on precomputed input gates
+    ``gx`` (T, B, 4H, biases included). Under autograd (not tracing or exporting) it runs
+    :class:`_Recurrence`; otherwise the plain loop, which traces and exports."""
+    needs_grad = torch.is_grad_enabled() and (
+        gx.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
+    )
+    plain = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if needs_grad and not plain:
+        out, c = _Recurrence.apply(gx, h0, c0, w_hh)
+        return out, out[-1], c
+    out, h, c, _, _ = _loop(gx, h0, c0, w_hh)
+    return out, h, c
 
 
 def _features(module: nn.Module, attr: str) -> int | None:
@@ -214,16 +295,7 @@ class FactorizedLSTM(nn.Module):
             b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
             if b_ih is not None:
                 gx = gx + (b_ih + b_hh)
-            w_hh_t = getattr(self, f"weight_hh_l{k}").t()
-            h, c = h0[k], c0[k]
-            outs = []
-            for t in range(T):
-                g = torch.addmm(gx[t], h, w_hh_t)
-                i, f, gg, o = g.chunk(4, 1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                outs.append(h)
-            x = torch.stack(outs)
+            x, h, c = recurrence(gx, h0[k], c0[k], getattr(self, f"weight_hh_l{k}"))
             hn.append(h)
             cn.append(c)
         h_n, c_n = torch.stack(hn), torch.stack(cn)
