@@ -151,7 +151,7 @@ class LowRankLinear(SmallFactorizedLayer):
     def _from_spec(
         cls, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
     ) -> FactorizedLayer:
-        return cls(
+        layer = cls(
             geometry.in_features,
             geometry.out_features,
             spec.ranks[0],
@@ -159,6 +159,8 @@ class LowRankLinear(SmallFactorizedLayer):
             device=device,
             dtype=dtype,
         )
+        layer.spec = spec  # keep the spec's options
+        return layer
 
     @property
     def in_features(self) -> int:
