@@ -555,6 +555,27 @@ def select_cases(names: Sequence[str] | None, quick: bool) -> list[Case]:
     return chosen
 
 
+def merge_runs(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Cases of several saved runs in CASES order, later runs winning; keeps every run's
+    environment and records which run each case came from."""
+    by_case: dict[str, dict[str, Any]] = {}
+    libs: dict[str, str] = {}
+    for i, run in enumerate(runs):
+        libs.update(run["libraries"])
+        for c in run["cases"]:
+            by_case[c["case"]] = {**c, "from_run": i}
+    order = [c.name for c in CASES]
+    cases = sorted(by_case.values(),
+                   key=lambda c: order.index(c["case"]) if c["case"] in order else len(order))
+    ours = {n for n in libs if n.startswith("ours[")}
+    for c in cases:
+        summarize(c, ours)
+    return {"environment": runs[-1]["environment"],
+            "runs": [{"file": str(n), "environment": r["environment"],
+                      "cases": [c["case"] for c in r["cases"]]} for n, r in zip(names, runs)],
+            "libraries": libs, "cases": cases}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
@@ -570,6 +591,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--from-json", default=None,
                    help="only re-summarize and print the table of a saved JSON result")
     p.add_argument("--markdown", action="store_true", help="with --from-json: Markdown table")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="combine saved runs into --out: a case in a later file replaces the "
+                        "same case of an earlier one (e.g. a rerun of cases hit by other load)")
     p.add_argument("--input", choices=INPUTS, default="gaussian",
                    help="gaussian layer weights (default) or power-law spectra (--alpha)")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (default 1)")
@@ -578,6 +602,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-wait", type=float, default=300.0,
                    help="longest wait per case for --quiet-below, seconds (default 300)")
     args = p.parse_args(argv)
+    if args.merge:
+        merged = merge_runs([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
+        print(format_table(merged["cases"]))
+        if args.out:
+            Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+            print(f"wrote {args.out}")
+        return merged
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         ours = {n for n in saved["libraries"] if n.startswith("ours[")}

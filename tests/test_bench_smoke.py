@@ -110,3 +110,19 @@ def test_smallest_case_runs_and_agrees(bench, one_thread):
     table = bench.format_table([out])
     assert "ours[gram]" in table and "conv64-r8" in table
     assert "| conv64-r8 | 8 | **ours[gram]**" in bench.format_markdown([out])
+
+
+def test_merge_later_run_replaces_case(bench):
+    def run(ms: float) -> dict:
+        rows = {"ours[gram]": {"median_ms": ms, "rel_error": 0.5, "ranks_ok": True},
+                "peer": {"median_ms": 3.0, "rel_error": 0.5, "ranks_ok": True}}
+        return {"environment": {"date_utc": str(ms)}, "libraries": {"ours[gram]": "", "peer": ""},
+                "cases": [{"case": "ucf11-r4", "rank": 4, "results": rows}]}
+
+    old = run(2.0)
+    old["cases"].append({**run(1.0)["cases"][0], "case": "conv64-r8"})
+    merged = bench.merge_runs([old, run(0.5)], ["a.json", "b.json"])
+    assert [c["case"] for c in merged["cases"]] == ["conv64-r8", "ucf11-r4"]  # CASES order
+    ucf = merged["cases"][1]
+    assert ucf["from_run"] == 1 and ucf["summary"]["speedup_vs_fastest_peer"] == pytest.approx(6)
+    assert merged["cases"][0]["summary"]["speedup_vs_fastest_peer"] == pytest.approx(3)
