@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import http.server
+import importlib
 import io
 import pickle
 import sys
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from tdcompress.data import download as dl
 from tdcompress.data.folders import image_folder, video_classes, video_frames_dataset
 from tdcompress.data.readers import load_dataset
+
+dl = importlib.import_module("tdcompress.data.download")
 
 MNIST = (
     "train-images-idx3-ubyte.gz",

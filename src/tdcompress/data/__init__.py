@@ -7,10 +7,17 @@ from typing import Any
 import torch
 
 from tdcompress.data.augment import Augment, normalize, random_crop, random_flip
+from tdcompress.data.download import ChecksumError, download
+from tdcompress.data.folders import image_folder, video_classes, video_frames_dataset
 from tdcompress.data.loader import TensorLoader
 from tdcompress.data.readers import DATASETS, default_root, load_dataset, read_cifar, read_idx
 
 __all__ = [
+    "ChecksumError",
+    "download",
+    "image_folder",
+    "video_classes",
+    "video_frames_dataset",
     "Augment",
     "DATASETS",
     "TensorLoader",

@@ -7,8 +7,10 @@ from collections.abc import Callable
 from torch import nn
 
 from tdcompress.models.lenet import LeNet5, lenet5
+from tdcompress.models.lstm_video import LSTMVideoClassifier, lstm_video
 from tdcompress.models.mlp import MLP, mlp
 from tdcompress.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
+from tdcompress.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34
 
 __all__ = [
     "MODELS",
@@ -21,6 +23,11 @@ __all__ = [
     "resnet20",
     "resnet32",
     "resnet56",
+    "ImageNetResNet",
+    "resnet18",
+    "resnet34",
+    "LSTMVideoClassifier",
+    "lstm_video",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -29,6 +36,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "lstm_video": lstm_video,
 }
 
 
