@@ -204,6 +204,31 @@ def test_rank_solver_hits_ratio_on_small_cnn(target):
     assert sum(q.numel() for q in new.parameters()) == p.compressed_params
 
 
+@pytest.mark.parametrize("name,shape", [("lenet5", (1, 1, 28, 28)), ("resnet20", (1, 3, 32, 32))])
+@pytest.mark.parametrize("target", [2.0, 5.0, 10.0, 50.0])
+def test_rank_solver_hits_paper_model_targets(name, shape, target):
+    from tdcompress.models import build_model
+
+    model = build_model(name)
+    p = plan(model, "tt", target_ratio=target, input_shape=shape)
+    assert abs(p.ratio / target - 1) <= 0.03, p.ratio
+    # whole-model ratio: every parameter counted, the dense first conv and classifier included
+    dense = sum(q.numel() for q in model.parameters())
+    assert p.model_params == dense
+    assert p.compressed_params == dense - sum(lp.dense_params - lp.params for lp in p)
+    assert "conv1" not in [lp.name for lp in p] and "fc" not in [lp.name for lp in p]
+    assert all(len(set(lp.spec.ranks)) <= 2 for lp in p)  # equal ranks inside a layer (clipped)
+
+
+def test_macs_target():
+    from tdcompress.models import build_model
+
+    model = build_model("resnet20")
+    p = plan(model, "tt", target_macs_reduction=3.0, input_shape=(1, 3, 32, 32))
+    assert abs(p.macs_reduction / 3.0 - 1) <= 0.03
+    assert p.model_macs == 40_551_040  # conv and linear MACs of ResNet-20 on 32x32
+
+
 def test_bad_input():
     model = small_cnn()
     with pytest.raises(ValueError, match="matches no Conv2d/Linear/LSTM layer"):

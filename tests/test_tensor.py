@@ -133,6 +133,17 @@ def test_input_not_mutated_and_half_precision():
     torch.testing.assert_close(p.float(), h.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_shape_tensorizes_and_projection_keeps_input_shape():
+    w = rand(12, 20)
+    cores = tt_svd(w, 3, shape=(3, 4, 4, 5))
+    assert [c.shape[1] for c in cores] == [3, 4, 4, 5]
+    p = tt_project(w, 3, shape=(3, 4, 4, 5))
+    assert p.shape == w.shape
+    torch.testing.assert_close(p, tt_to_tensor(cores).reshape(12, 20))
+    torch.testing.assert_close(tt_project(w, 100, shape=(3, 4, 4, 5)), w)
+    assert tr_project(w, 2, shape=(12, 20)).shape == (12, 20)
+
+
 def test_max_ranks_and_clip():
     assert tt_max_ranks((4, 5, 6)) == [4, 6]
     assert tt_clip_ranks((4, 5, 6), 100) == [4, 6]
@@ -268,6 +279,8 @@ def test_tr_and_tucker_properties_random(shape, rank, seed):
         (lambda x: tt_svd(x.numpy(), 2), TypeError, "x must be a torch.Tensor"),
         (lambda x: tr_svd(x, [1, 2]), ValueError, "ranks must have 4 entries"),
         (lambda x: tucker(x, 2, modes=(0, 7)), ValueError, "modes must be ints"),
+        (lambda x: tt_svd(x, 2, shape=(5, 5)), ValueError, r"shape \[5, 5\] has 25 entries"),
+        (lambda x: tr_project(x, 2, shape=(4, 4, 7)), ValueError, "product of shape"),
         (lambda x: lowrank_svd(x, True), TypeError, "rank must be an integer"),
     ],
 )

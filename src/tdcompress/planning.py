@@ -324,7 +324,11 @@ def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
         if isinstance(mod, (nn.Conv2d, nn.Linear, nn.LSTM)):
             hooks.append(mod.register_forward_hook(hook(name)))
     p = next(model.parameters(), None)
-    x = torch.zeros(*input_shape, device=p.device if p is not None else None)
+    x = torch.zeros(
+        *input_shape,
+        device=p.device if p is not None else None,
+        dtype=p.dtype if p is not None and p.is_floating_point() else None,
+    )
     was_training = model.training
     try:
         model.eval()

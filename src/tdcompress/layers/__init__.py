@@ -1,11 +1,13 @@
 """Factorized nn.Modules, each with ``from_dense(...)`` and ``to_dense()``."""
 
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
+from tdcompress.layers.lstm import FactorizedLSTM
 from tdcompress.layers.tr import TRConv2d, TRLinear
 from tdcompress.layers.tt import TTConv2d, TTLinear
 from tdcompress.layers.tucker2 import Tucker2Conv2d
 
 __all__ = [
+    "FactorizedLSTM",
     "LowRankConv2d",
     "LowRankLinear",
     "TRConv2d",

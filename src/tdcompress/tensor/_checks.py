@@ -82,3 +82,19 @@ def check_shape(shape: object, name: str = "shape") -> tuple[int, ...]:
 def working_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the decompositions compute in: half precisions are promoted to float32."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def tensorize(x: torch.Tensor, shape: object, name: str = "shape") -> torch.Tensor:
+    """``x`` viewed with ``shape`` (None keeps it); the product must equal ``x.numel()``."""
+    if shape is None:
+        return x
+    shape = check_shape(shape, name)
+    n = 1
+    for s in shape:
+        n *= s
+    if n != x.numel():
+        raise ValueError(
+            f"{name} {list(shape)} has {n} entries but x has {x.numel()} (shape "
+            f"{list(x.shape)}); the product of {name} must equal x's size"
+        )
+    return x.reshape(shape)

@@ -24,6 +24,7 @@ def lowrank_svd(
     rank = check_rank(rank, "rank")
     check_method(method)
     xw = x.to(working_dtype(x))
+
     def run(m: str):
         A, B, flag, _ = truncate(xw, rank, m)
         return (A, B), [flag]

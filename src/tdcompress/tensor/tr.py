@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from tdcompress.tensor._checks import check_shape, check_tensor, expand_ranks, working_dtype
+from tdcompress.tensor._checks import (
+    check_shape,
+    check_tensor,
+    expand_ranks,
+    tensorize,
+    working_dtype,
+)
 from tdcompress.tensor._linalg import check_method, run_with_fallback, truncate
 from tdcompress.tensor.tt import _check_cores, tt_sweep
 
@@ -36,7 +42,11 @@ def tr_clip_ranks(shape: Sequence[int], ranks: int | Sequence[int]) -> list[int]
 
 @torch.no_grad()
 def tr_svd(
-    x: torch.Tensor, ranks: int | Sequence[int], *, method: str = "gram"
+    x: torch.Tensor,
+    ranks: int | Sequence[int],
+    *,
+    method: str = "gram",
+    shape: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """TR-SVD of ``x``: cores ``G_k`` of shape (r_k, n_k, r_{k+1}) with r_d = r_0.
 
@@ -45,7 +55,7 @@ def tr_svd(
     left factor split into the first core; the rest is a TT sweep carrying ``r_0``.
     Runs under ``no_grad``; ``x`` is never modified.
     """
-    x = check_tensor(x, "x")
+    x = tensorize(check_tensor(x, "x"), shape)
     check_method(method)
     shape = tuple(x.shape)
     r = tr_clip_ranks(shape, ranks)
@@ -84,8 +94,12 @@ def tr_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def tr_project(
-    x: torch.Tensor, ranks: int | Sequence[int], *, method: str = "gram"
+    x: torch.Tensor,
+    ranks: int | Sequence[int],
+    *,
+    method: str = "gram",
+    shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Projection onto tensor-ring rank ``ranks``: TR-SVD, then reconstruct."""
+    """Projection onto tensor-ring rank ``ranks`` (TR-SVD, then reconstruct), in x's shape."""
     with torch.no_grad():
-        return tr_to_tensor(tr_svd(x, ranks, method=method))
+        return tr_to_tensor(tr_svd(x, ranks, method=method, shape=shape)).reshape(x.shape)

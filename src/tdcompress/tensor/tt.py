@@ -12,6 +12,7 @@ from tdcompress.tensor._checks import (
     check_shape,
     check_tensor,
     expand_ranks,
+    tensorize,
     working_dtype,
 )
 from tdcompress.tensor._linalg import check_method, run_with_fallback, truncate
@@ -109,6 +110,7 @@ def tt_svd(
     *,
     rel_tol: float | None = None,
     method: str = "gram",
+    shape: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """TT-SVD of ``x`` (shape n_1 x ... x n_d): cores ``G_k`` of shape (r_{k-1}, n_k, r_k).
 
@@ -118,13 +120,14 @@ def tt_svd(
     smallest ranks (still capped by ``ranks``). Cores 1..d-1 are left-orthonormal.
     ``method="gram"`` (default) truncates through float64 Gram eigendecompositions with an
     automatic LAPACK-SVD fallback when they cannot resolve the kept spectrum; ``"svd"``
-    always uses ``torch.linalg.svd``. Runs under ``no_grad``; ``x`` is never modified.
+    always uses ``torch.linalg.svd``. ``shape`` tensorizes ``x`` first (its product must
+    equal ``x.numel()``). Runs under ``no_grad``; ``x`` is never modified.
 
     >>> x = torch.randn(4, 5, 6, dtype=torch.float64)
     >>> [tuple(c.shape) for c in tt_svd(x, 3)]
     [(1, 4, 3), (3, 5, 3), (3, 6, 1)]
     """
-    x = check_tensor(x, "x")
+    x = tensorize(check_tensor(x, "x"), shape)
     check_method(method)
     tol = check_rel_tol(rel_tol)
     shape = tuple(x.shape)
@@ -155,7 +158,10 @@ def tt_project(
     *,
     rel_tol: float | None = None,
     method: str = "gram",
+    shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Projection onto TT rank ``ranks`` (Algorithm 1: TT-SVD, then reconstruct)."""
+    """Projection onto TT rank ``ranks`` (Algorithm 1: TT-SVD, then reconstruct), in the
+    shape of ``x`` (``shape`` is the TT shape it is tensorized to, as in :func:`tt_svd`)."""
     with torch.no_grad():
-        return tt_to_tensor(tt_svd(x, ranks, rel_tol=rel_tol, method=method))
+        cores = tt_svd(x, ranks, rel_tol=rel_tol, method=method, shape=shape)
+        return tt_to_tensor(cores).reshape(x.shape)
