@@ -281,9 +281,8 @@ class LowRankConv2d(SmallFactorizedLayer):
         if plan == "dense":
             return F.conv2d(x, self.to_dense(), self.bias, **conv)
         A, B = self.cores[0], self.cores[1]
-        if training_nhwc(x):
-            t = F.conv2d(x.contiguous(memory_format=torch.channels_last), B, None, **conv)
-            return pointwise(t, A, self.bias).contiguous()
+        # (no NHWC switch when training, unlike Tucker-2: this conv reads all I input
+        # channels, and converting the input cost as much as it saved, measured)
         return pointwise(F.conv2d(x, B, None, **conv), A, self.bias)
 
     def extra_repr(self) -> str:
@@ -291,9 +290,10 @@ class LowRankConv2d(SmallFactorizedLayer):
 
 
 def training_nhwc(x: torch.Tensor) -> bool:
-    """Whether to run the rank-space kxk conv of an NCHW batch in NHWC: oneDNN's backward
-    of convs with few channels is much faster there (measured 1.2-2x fwd+bwd on ResNet-20
-    shapes); the forward alone gains nothing, and traced graphs stay plain."""
+    """Whether to run the rank-space kxk conv (few channels in and out) of an NCHW batch
+    in NHWC: oneDNN's backward of such convs is faster there (Tucker-2 on ResNet-20 shapes,
+    fwd+bwd up to ~1.7x on a noisy shared machine); the forward alone gains nothing, and
+    traced graphs stay plain."""
     return (
         torch.is_grad_enabled()
         and not torch.jit.is_tracing()
