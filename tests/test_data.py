@@ -138,3 +138,155 @@ def test_loader_augment_keeps_values_and_rejects_bad_input():
         TensorLoader(x, torch.zeros(7), 4)
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
         load_dataset("svhn", None, "train")
+
+
+def _mnist_folder(folder, n=6, labels=None, images_shape=None, gz=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, images_shape or (n, 28, 28), dtype=np.uint8)
+    labs = np.asarray(labels if labels is not None else rng.integers(0, 10, n), dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    _write_idx(folder / f"t10k-images-idx3-ubyte{suffix}", imgs, compress=gz)
+    _write_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", labs, compress=gz)
+    return imgs, labs
+
+
+def test_mnist_folder_reader_uncompressed_fallback_and_dims_errors(tmp_path):
+    imgs, labs = _mnist_folder(tmp_path / "mnist", gz=False)
+    x, y = load_dataset("mnist", tmp_path, "test")
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(x, torch.from_numpy(imgs)[:, None]) and y.tolist() == labs.tolist()
+    assert isinstance(read_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte"), torch.Tensor)
+    _mnist_folder(tmp_path / "a" / "mnist", n=6, labels=[1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: 6 images but .* 5 labels"):
+        load_dataset("mnist", tmp_path / "a", "test")
+    _mnist_folder(tmp_path / "b" / "mnist", images_shape=(6, 784))
+    with pytest.raises(ValueError, match=r"dimensions \[6, 784\], expected 3"):
+        load_dataset("mnist", tmp_path / "b", "test")
+    _mnist_folder(tmp_path / "c" / "fashion-mnist", n=3, labels=[0, 10, 2])
+    with pytest.raises(ValueError, match=r"labels-idx1-ubyte.gz: labels in \[0, 10\], expected"):
+        load_dataset("fashion_mnist", tmp_path / "c", "test")
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz: file not found"):
+        load_dataset("mnist", tmp_path, "train")
+    with pytest.raises(ValueError, match="needs a data root.*root=None"):
+        load_dataset("cifar10", None, "train")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
+        load_dataset("mnist", tmp_path, "val")
+
+
+def test_cifar100_folder_reader_uses_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.random.default_rng(2).integers(0, 256, (4, 3072), dtype=np.uint8)
+    with open(folder / "test", "wb") as f:
+        pickle.dump({b"data": data, b"fine_labels": [0, 99, 42, 7], b"coarse_labels": [0] * 4}, f)
+    x, y = load_dataset("cifar100", tmp_path, "test")
+    assert torch.equal(x, torch.from_numpy(data).view(4, 3, 32, 32)) and y.tolist() == [
+        0,
+        99,
+        42,
+        7,
+    ]
+    with open(folder / "train", "wb") as f:
+        pickle.dump({b"data": data, b"fine_labels": [0, 100, 1, 2]}, f)
+    with pytest.raises(ValueError, match=r"train: labels in \[0, 100\], expected \[0, 99\]"):
+        load_dataset("cifar100", tmp_path, "train")
+    with open(folder / "train", "wb") as f:
+        pickle.dump({b"data": data[:, :100], b"fine_labels": [0, 1, 1, 2]}, f)
+    with pytest.raises(ValueError, match=r"data of shape \(4, 100\).*expected \(N, 3072\)"):
+        load_dataset("cifar100", tmp_path, "train")
+
+
+def test_verify_checksum_mismatch_names_the_file(tmp_path):
+    from tdcompress.data.download import ChecksumError
+
+    _mnist_folder(tmp_path / "mnist")  # right format, but not the official bytes
+    load_dataset("mnist", tmp_path, "test")  # reads fine without verification
+    with pytest.raises(ChecksumError, match=r"t10k-images-idx3-ubyte.gz: checksum mismatch.*9fb6"):
+        load_dataset("mnist", tmp_path, "test", verify=True)
+
+
+def test_verify_real_files(data_root):
+    x, y = load_dataset("mnist", data_root, "test", verify=True)
+    assert x.shape == (10000, 1, 28, 28) and len(y) == 10000
+
+
+def test_to_float_and_normalize_match_the_formula():
+    from tdcompress.data.augment import normalize, to_float
+
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    ref = (x.double() / 255 - torch.tensor(mean).double().view(1, 3, 1, 1)) / torch.tensor(
+        std
+    ).double().view(1, 3, 1, 1)
+    torch.testing.assert_close(to_float(x, mean, std, torch.float64), ref)
+    torch.testing.assert_close(normalize(x.double() / 255, mean, std), ref)
+    torch.testing.assert_close(to_float(x), (x.double() / 255).float())
+    with pytest.raises(ValueError, match=r"mean=\(0.1, 0.2\) has 2 values, expected 1 or one"):
+        to_float(x, (0.1, 0.2), (1.0,))
+    with pytest.raises(ValueError, match="std must be > 0"):
+        normalize(x.float(), (0.0,), (0.0,))
+    with pytest.raises(TypeError, match="x must be uint8"):
+        to_float(x.float())
+    with pytest.raises(ValueError, match="padding must be an int >= 0, got -1"):
+        random_crop(x, -1)
+    with pytest.raises(ValueError, match=r"x must be a \(N, C, H, W\) tensor, got \(3, 4, 4\)"):
+        random_flip(x[0])
+
+
+def test_loader_batches_equal_per_sample_augmentation_oracle():
+    """Every batch equals: permutation from the epoch generator, then per sample a padded
+    slice at the drawn offsets, a torch.flip where drawn, and (x/255 - mean)/std."""
+    n, bs, pad = 10, 4, 2
+    x = torch.randint(0, 256, (n, 3, 5, 6), dtype=torch.uint8)
+    y = torch.arange(n) % 3
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
+    ld = TensorLoader(x, y, bs, seed=7, augment=Augment(pad, True), mean=mean, std=std)
+    ld.set_epoch(4)
+    batches = list(ld)
+    assert len(batches) == len(ld) == 3
+    g = torch.Generator().manual_seed(7 * 100_003 + 4)
+    perm = torch.randperm(n, generator=g)
+    m, s = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    for b, (xb, yb) in enumerate(batches):
+        sel = perm[b * bs : (b + 1) * bs]
+        k = len(sel)
+        oy = torch.randint(0, 2 * pad + 1, (k,), generator=g)
+        ox = torch.randint(0, 2 * pad + 1, (k,), generator=g)
+        flip = torch.rand(k, generator=g) < 0.5
+        assert torch.equal(yb, y[sel])
+        xp = torch.nn.functional.pad(x[sel].double(), (pad,) * 4)
+        for i in range(k):
+            crop = xp[i, :, oy[i] : oy[i] + 5, ox[i] : ox[i] + 6]
+            crop = crop.flip(-1) if flip[i] else crop
+            torch.testing.assert_close(xb[i], ((crop / 255 - m) / s).float())
+    ld64 = TensorLoader(x, y, bs, seed=7, augment=Augment(pad, True), dtype=torch.float64)
+    ld64.set_epoch(4)
+    assert next(iter(ld64))[0].dtype == torch.float64
+
+
+def test_loader_ddp_shards_partition_the_padded_permutation_and_drop_last():
+    n, ws = 10, 4
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    y = torch.arange(n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3 * 100_003 + 1))
+    padded = torch.cat([perm, perm[: 12 - n]])  # ceil(10 / 4) = 3 per rank
+    for drop_last in (False, True):
+        for r in range(ws):
+            ld = TensorLoader(x, y, 2, seed=3, rank=r, world_size=ws, drop_last=drop_last)
+            ld.set_epoch(1)
+            got = torch.cat([b for _, b in ld])
+            assert len(ld) == (1 if drop_last else 2)
+            expect = padded[r::ws]
+            assert torch.equal(got, expect[:2] if drop_last else expect)
+    # world_size dividing N: the shares are disjoint and cover the data set exactly once
+    shares = []
+    for r in range(5):
+        ld = TensorLoader(x, y, 3, seed=3, rank=r, world_size=5)
+        shares.append(torch.cat([b for _, b in ld]).tolist())
+    flat = sum(shares, [])
+    assert sorted(flat) == list(range(n)) and all(len(s) == 2 for s in shares)
+    with pytest.raises(ValueError, match="rank must be in \\[0, world_size=2\\), got 2"):
+        TensorLoader(x, y, 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        TensorLoader(x, y, 0)

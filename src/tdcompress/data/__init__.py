@@ -6,11 +6,21 @@ from typing import Any
 
 import torch
 
-from tdcompress.data.augment import Augment, normalize, random_crop, random_flip
+from tdcompress.data.augment import Augment, normalize, random_crop, random_flip, to_float
 from tdcompress.data.download import ChecksumError, download
 from tdcompress.data.folders import image_folder, video_classes, video_frames_dataset
 from tdcompress.data.loader import TensorLoader
-from tdcompress.data.readers import DATASETS, default_root, load_dataset, read_cifar, read_idx
+from tdcompress.data.readers import (
+    DATASETS,
+    default_root,
+    load_dataset,
+    read_cifar,
+    read_cifar10,
+    read_cifar100,
+    read_idx,
+    read_mnist,
+    verify_files,
+)
 
 __all__ = [
     "ChecksumError",
@@ -26,8 +36,13 @@ __all__ = [
     "normalize",
     "random_crop",
     "random_flip",
+    "to_float",
     "read_cifar",
+    "read_cifar10",
+    "read_cifar100",
     "read_idx",
+    "read_mnist",
+    "verify_files",
 ]
 
 

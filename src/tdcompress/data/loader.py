@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tdcompress.data.augment import Augment, normalize
+from tdcompress.data.augment import Augment, uint8_affine
 
 __all__ = ["TensorLoader"]
 
@@ -17,10 +17,17 @@ class TensorLoader:
     """Iterates ``(x float, y long)`` batches over ``images`` (N, C, H, W) uint8.
 
     The whole set lives on ``device`` as uint8 (CIFAR-10: 150 MB), so there is no worker
-    process and no host-to-device copy per batch. Shuffling is drawn from
-    ``seed + epoch`` (call :meth:`set_epoch`). Under DDP (``world_size > 1``) every rank gets
-    a disjoint, equal share of each epoch's permutation (padded by repeating samples, like
-    ``DistributedSampler``); with ``drop_last`` the incomplete last batch is skipped.
+    process and no host-to-device copy per batch. Per batch: gather the samples, ``augment``
+    them (on uint8, on the device), convert to ``dtype`` in [0, 1] and normalise with
+    ``mean``/``std`` in one fused multiply-add. Shuffling and augmentation draw from one CPU
+    generator seeded with ``(seed, epoch)`` (call :meth:`set_epoch`), so a resumed run sees the
+    same batches.
+
+    DDP (``world_size > 1``): like ``DistributedSampler(drop_last=False)``, each epoch's
+    permutation is padded by repeating its first samples up to a multiple of ``world_size``
+    and rank ``r`` takes positions ``r, r + world_size, ...``: the ranks' shares are disjoint
+    slices of the padded permutation and have equal size ``ceil(N / world_size)``.
+    ``drop_last`` (unlike DistributedSampler's) drops this rank's incomplete last batch.
     """
 
     def __init__(
@@ -39,28 +46,53 @@ class TensorLoader:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
-                f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = (
+                (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else images
             )
+            raise ValueError(f"TensorLoader: images must be uint8 (N, C, H, W), got {got!r}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+            raise ValueError(f"TensorLoader: labels must be a 1-d tensor, got {got!r}")
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+            raise ValueError(f"TensorLoader: {len(images)} images but {len(labels)} labels")
+        for arg, v, lo in (
+            ("batch_size", batch_size, 1),
+            ("world_size", world_size, 1),
+            ("rank", rank, 0),
+            ("seed", seed, 0),
+        ):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"TensorLoader: {arg} must be an int >= {lo}, got {v!r}")
+        if rank >= world_size:
+            raise ValueError(
+                f"TensorLoader: rank must be in [0, world_size={world_size}), got {rank}"
+            )
+        if augment is not None and not callable(augment):
+            raise TypeError(f"TensorLoader: augment must be callable or None, got {augment!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"TensorLoader: dtype must be a float dtype, got {dtype}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.long)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment, self.mean, self.std = augment, mean, std
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.channels_last = channels_last
+        self.channels_last, self.dtype = channels_last, dtype
+        self._scale, self._shift = uint8_affine(mean, std, images.shape[1], self.device, dtype)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        """Select the epoch whose shuffle and augmentation draws the next iteration uses."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"TensorLoader.set_epoch: epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        """The CPU generator of the current epoch (a fresh one on every call)."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
 
     @property
     def num_samples(self) -> int:
@@ -80,15 +112,14 @@ class TensorLoader:
         return idx[self.rank :: self.world_size].to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = self.generator()
         idx = self._indices(g)
         for b in range(len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.images[sel].float().div_(255)
+            x = self.images[sel]
             if self.augment is not None:
                 x = self.augment(x, g)
-            if self.mean is not None and self.std is not None:
-                x = normalize(x, self.mean, self.std)
+            x = torch.addcmul(self._shift, x.to(self.dtype), self._scale)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[sel]
