@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -583,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="comma-separated case names or substrings, e.g. conv64,ucf11")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per library (default 7, or 3 when one call > 0.5 s)")
-    p.add_argument("--libraries", default=None, help="comma-separated library names")
+    p.add_argument("--libraries", default=None,
+                   help="comma-separated library names, e.g. 'ours[gram],tensorly[torch,rand]'")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--out", default=None,
                    help=f"JSON output path ('' for none; default {RESULTS.name} in "
@@ -622,7 +624,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cases = select_cases(args.cases.split(",") if args.cases else None, args.quick)
     libs = LIBRARIES
     if args.libraries:
-        want = args.libraries.split(",")
+        # names such as tensorly[torch,rand] contain commas: split outside brackets only
+        want = [w.strip(",") for w in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.libraries)]
         libs = [lib for lib in LIBRARIES if lib.name in want]
         if not libs:
             raise ValueError(f"--libraries {want} matches none of {[x.name for x in LIBRARIES]}")
