@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -42,10 +44,15 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """The model registered as ``name`` built with ``kwargs``."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid names are {sorted(MODELS)}") from None
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """The model registered as ``name`` (see ``MODELS``) built with ``kwargs``."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names are {sorted(MODELS)}")
+    factory = MODELS[name]
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(
+            f"model {name!r}: unknown argument(s) {unknown}; valid arguments are {list(params)}"
+        )
     return factory(**kwargs)

@@ -34,12 +34,21 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs; first conv ``conv1``, classifier ``fc``."""
+    """ResNet-(6n+2) for 32x32 inputs; first conv ``conv1``, classifier ``fc``.
+
+    He initialisation (normal, std sqrt(2 / fan)) of every conv and the classifier, BN scale 1
+    and shift 0, as in He et al. 2016.
+    """
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(
+                f"CifarResNet: depth must be 6n+2 (20, 32, 44, 56, 110), got {depth!r}"
+            )
+        for arg, v in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"CifarResNet: {arg} must be a positive int, got {v!r}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
