@@ -290,3 +290,18 @@ def test_loader_ddp_shards_partition_the_padded_permutation_and_drop_last():
         TensorLoader(x, y, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         TensorLoader(x, y, 0)
+
+
+def test_digits_split_is_fixed_disjoint_and_lossless():
+    sk = pytest.importorskip("sklearn.datasets")
+    d = sk.load_digits()
+    xtr, ytr = load_dataset("digits", None, "train")
+    xte, yte = load_dataset("digits", None, "test")
+    assert (len(xtr), len(xte)) == (1437, 360)
+    x2, y2 = load_dataset("digits", "/nonexistent", "train")  # root is ignored
+    assert torch.equal(xtr, x2) and torch.equal(ytr, y2)
+    # 0..16 -> 0..255 is invertible: recover sklearn's values and compare the multisets
+    back = torch.cat([xtr, xte]).double().mul(16 / 255).round().view(-1, 64)
+    rows = sorted(map(tuple, torch.cat([back, torch.cat([ytr, yte])[:, None]], 1).tolist()))
+    ref = np.concatenate([d.data, d.target[:, None]], 1)
+    assert rows == sorted(map(tuple, ref.astype(float).tolist()))
