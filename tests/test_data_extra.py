@@ -237,6 +237,8 @@ def test_video_frames_dataset_reads_samples_and_resizes(tmp_path):
     # walk: picks 0, 2, 4 of f1 f2 f3 f10 f11 -> f1, f3, f11
     assert x[1, :, :, 2, 3].tolist() == [[10, 0, 254], [30, 0, 252], [110, 0, 244]]
     assert bool((x[1] == x[1, :, :, :1, :1]).all())  # solid frames stay solid when resized
+    xf, yf = video_frames_dataset(root, frames=3, size=(3, 4), flatten=True)
+    assert torch.equal(xf, x.reshape(2, 3, 36)) and torch.equal(yf, y)
 
 
 def test_video_frames_dataset_layout_at_native_size_and_greyscale(tmp_path):

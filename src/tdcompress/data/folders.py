@@ -69,13 +69,15 @@ def video_frames_dataset(
     size: tuple[int, int] = (120, 160),
     *,
     mode: str = "RGB",
+    flatten: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Videos stored as ``root/<class>/<video>/<frame>.jpg|png`` as uint8 ``(N, T, C, H, W)``
     and int64 labels (classes in sorted order, see :func:`video_classes`).
 
     Frames are ordered by name (numbers compared numerically); ``frames`` of them are taken
     evenly spaced over the video (repeated when it has fewer) and resized bilinearly to
-    ``size = (H, W)``. ``mode`` is "RGB" (C=3) or "L" (greyscale, C=1). Needs Pillow.
+    ``size = (H, W)``. ``mode`` is "RGB" (C=3) or "L" (greyscale, C=1). ``flatten`` returns
+    every frame as a vector: ``(N, T, C * H * W)`` (the LSTM classifier's input). Needs Pillow.
     """
     if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
@@ -122,4 +124,5 @@ def video_frames_dataset(
                 raise ValueError(f"{files[j]}: not a readable image ({e})") from None
             out[i, t] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]
     labels = torch.tensor([lab for _, lab in videos], dtype=torch.long)
-    return torch.from_numpy(out), labels
+    x = torch.from_numpy(out)
+    return (x.flatten(2) if flatten else x), labels
