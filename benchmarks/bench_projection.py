@@ -17,8 +17,15 @@ tensorization is done once, outside the timed region, and is the same for every 
 Every library's resulting TT ranks are checked against ``tt_clip_ranks`` and its relative
 error ``||x - P(x)|| / ||x||`` is computed in float64.
 
-Run ``python benchmarks/bench_projection.py`` (``--quick`` for a smoke run, ``--cases`` to
-filter, ``--repeats`` to override). Writes ``benchmarks/results/projection.json``.
+``--input powerlaw`` replaces them by tensors with power-law spectra (closer to trained
+weights). Each library is warmed up once, then the timed repeats go round-robin over the
+libraries; the median is reported with its ratio to the fastest peer (any non-ours library)
+and with the energy kept relative to ours (the "equal error" test).
+
+Run ``python benchmarks/bench_projection.py`` (``--quick`` for a smoke run, ``--cases`` and
+``--libraries`` to filter, ``--repeats`` to override, ``--quiet-below`` to wait for a quiet
+shared machine, ``--merge`` to combine reruns, ``--from-json`` to reprint a table).
+Writes ``benchmarks/results/projection.json``. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -443,10 +450,6 @@ def summarize(result: dict[str, Any], ours: set[str], ref: str = "ours[gram]") -
     summary["goal_2x_met"] = (summary["speedup_vs_fastest_equal_error_peer"] or 0.0) >= 2.0
     summary["2x_vs_every_peer"] = (summary["speedup_vs_fastest_peer"] or 0.0) >= 2.0
     result["summary"] = summary
-
-
-def _is_ours(name: str, libraries: Sequence[Library]) -> bool:
-    return any(lib.ours for lib in libraries if lib.name == name)
 
 
 def cpu_pressure() -> str | None:
