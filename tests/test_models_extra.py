@@ -305,3 +305,18 @@ def test_lstm_video_plans_and_decomposes_exactly_at_full_rank():
     assert not isinstance(d.lstm, nn.LSTM)
     x = torch.randn(2, 5, 3, 4, 6)
     torch.testing.assert_close(d(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lstm_video_keras_style_init():
+    torch.manual_seed(0)
+    m = LSTMVideoClassifier(48, 16, 5, num_layers=2)
+    for layer in range(2):
+        w_hh = getattr(m.lstm, f"weight_hh_l{layer}").detach()
+        torch.testing.assert_close(w_hh.T @ w_hh, torch.eye(16), atol=1e-5, rtol=0)
+        b_ih = getattr(m.lstm, f"bias_ih_l{layer}").detach()
+        assert b_ih.tolist() == [0.0] * 16 + [1.0] * 16 + [0.0] * 32  # i, f, g, o
+        assert torch.count_nonzero(getattr(m.lstm, f"bias_hh_l{layer}")) == 0
+        w_ih = getattr(m.lstm, f"weight_ih_l{layer}").detach()
+        fan_in = 48 if layer == 0 else 16
+        assert float(w_ih.abs().max()) <= (6 / (fan_in + 64)) ** 0.5
+    assert torch.count_nonzero(m.fc.bias) == 0

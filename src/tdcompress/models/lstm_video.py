@@ -16,6 +16,10 @@ class LSTMVideoClassifier(nn.Module):
     ``self.lstm`` is an ``nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)``
     (``input_size = C * H * W``); ``self.fc`` maps the last time step's top-layer hidden
     state to the classes, after optional ``dropout``.
+
+    Initialised as the Keras LSTM of the TT-RNN papers: Glorot-uniform input weights,
+    orthogonal recurrent weights, zero biases except a forget-gate bias of 1 (in
+    ``bias_ih``; PyTorch's gate order is input, forget, cell, output); Glorot-uniform head.
     """
 
     def __init__(
@@ -41,6 +45,22 @@ class LSTMVideoClassifier(nn.Module):
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(hidden_size, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Keras-style initialisation (see the class docstring)."""
+        h = self.lstm.hidden_size
+        for name, p in self.lstm.named_parameters():
+            if name.startswith("weight_ih"):
+                nn.init.xavier_uniform_(p)
+            elif name.startswith("weight_hh"):
+                nn.init.orthogonal_(p)
+            else:
+                nn.init.zeros_(p)
+                if name.startswith("bias_ih"):
+                    nn.init.ones_(p[h : 2 * h])
+        nn.init.xavier_uniform_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (3, 5):
