@@ -19,9 +19,9 @@ class TensorLoader:
     The whole set lives on ``device`` as uint8 (CIFAR-10: 150 MB), so there is no worker
     process and no host-to-device copy per batch. Per batch: gather the samples, ``augment``
     them (on uint8, on the device), convert to ``dtype`` in [0, 1] and normalise with
-    ``mean``/``std`` in one fused multiply-add. Shuffling and augmentation draw from one CPU
-    generator seeded with ``(seed, epoch)`` (call :meth:`set_epoch`), so a resumed run sees the
-    same batches.
+    ``mean``/``std`` in one fused multiply-add. Shuffling draws from a CPU generator seeded
+    with ``(seed, epoch)`` (call :meth:`set_epoch`), augmentation from the same generator on
+    CPU and from a generator on the device otherwise, so a resumed run sees the same batches.
 
     DDP (``world_size > 1``): like ``DistributedSampler(drop_last=False)``, each epoch's
     permutation is padded by repeating its first samples up to a multiple of ``world_size``
@@ -114,11 +114,16 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = self.generator()
         idx = self._indices(g)
+        # augmentation draws on the data's device: no host-to-device copy (and so no stream
+        # synchronisation) per batch on an accelerator; on CPU the same generator continues
+        ga = g
+        if self.device.type != "cpu" and self.augment is not None:
+            ga = torch.Generator(self.device).manual_seed(self.seed * 100_003 + self.epoch)
         for b in range(len(self)):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images[sel]
             if self.augment is not None:
-                x = self.augment(x, g)
+                x = self.augment(x, ga)
             x = torch.addcmul(self._shift, x.to(self.dtype), self._scale)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
