@@ -228,3 +228,41 @@ def test_bad_specs_raise(fmt_name, geo, ranks, kw, match) -> None:
 def test_bad_rank_type_raises_type_error() -> None:
     with pytest.raises(TypeError, match="conv7: ranks must be ints >= 1, got 2.5"):
         get_format("svd").resolve(LayerGeometry.linear(4, 5), 2.5, layer_name="conv7")
+
+
+def test_spec_options_are_used_kept_and_checked() -> None:
+    """balanced=False gives A with orthonormal columns (balanced: equal Gram spectra of A
+    and B); both give the projection; the built layers keep the options; unknown options
+    and bad values raise errors naming the format, the option and the value."""
+    from tdcompress.formats.base import FactorSpec
+
+    torch.manual_seed(5)
+    svd, t2 = get_format("svd"), get_format("tucker2")
+    for geo in (LayerGeometry.linear(9, 6), _conv_geo()):
+        w = _rand_weight(geo)
+        for balanced in (True, False):
+            spec = FactorSpec("svd", (3,), options={"balanced": balanced})
+            A, B = svd.decompose(w, spec)
+            B2 = B.reshape(3, -1)
+            if balanced:
+                torch.testing.assert_close(A.t() @ A, B2 @ B2.t(), rtol=1e-9, atol=1e-9)
+            else:
+                torch.testing.assert_close(A.t() @ A, torch.eye(3, dtype=D), rtol=0, atol=1e-12)
+            layer = svd.build(geo, [A, B], spec)
+            assert layer.spec.options == {"balanced": balanced}
+            torch.testing.assert_close(layer.to_dense(), svd.project(w, spec))
+    geo = _conv_geo()
+    spec = FactorSpec("tucker2", (3, 2), options={"n_iter": 0})
+    assert t2.build(geo, t2.decompose(_rand_weight(geo), spec), spec).spec == spec
+    bad = [
+        (svd, {"balance": True}, r"format 'svd': unknown spec option\(s\) \['balance'\]"),
+        (svd, {"balanced": 1}, r"format 'svd': spec option balanced=1 .*must be a bool"),
+        (t2, {"n_iter": -1}, r"format 'tucker2': spec option n_iter=-1 .*must be an int >= 0"),
+        (t2, {"n_iter": "2"}, r"n_iter='2' is not allowed"),
+        (t2, {"balanced": True}, r"unknown spec option\(s\) \['balanced'\].*n_iter \(int >= 0\)"),
+    ]
+    for fmt, opts, match in bad:
+        spec = FactorSpec(fmt.name, (2, 2) if fmt is t2 else (2,), options=opts)
+        for fn in (fmt.project, fmt.decompose):
+            with pytest.raises(ValueError, match=match):
+                fn(_rand_weight(geo), spec)

@@ -26,7 +26,14 @@ from torch import nn
 from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, register_format
 from tdcompress.tensor import lowrank_project, lowrank_svd
 
-__all__ = ["LowRankFormat", "lowrank_plans", "check_ranks", "check_no_shapes", "check_groups"]
+__all__ = [
+    "LowRankFormat",
+    "lowrank_plans",
+    "check_ranks",
+    "check_no_shapes",
+    "check_groups",
+    "spec_option",
+]
 
 
 def check_ranks(ranks: Any, n: int, layer_name: str, fmt_name: str, meaning: str) -> list[int]:
@@ -74,6 +81,31 @@ def check_groups(geometry: LayerGeometry, fmt_name: str, layer_name: str) -> Non
         )
 
 
+def spec_option(spec: FactorSpec, name: str, default: Any, allowed: dict[str, str]) -> Any:
+    """``spec.options[name]`` (``default`` when absent), validated. ``allowed`` maps every
+    option the format knows to a description of its values (``"bool"`` or ``"int >= 0"``);
+    an unknown option or a bad value raises ValueError naming the format, option and value."""
+    unknown = sorted(set(spec.options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"format {spec.format!r}: unknown spec option(s) {unknown}; allowed options: "
+            + ", ".join(f"{k} ({v})" for k, v in sorted(allowed.items()))
+        )
+    v = spec.options.get(name, default)
+    kind = allowed[name]
+    ok = (
+        isinstance(v, bool)
+        if kind == "bool"
+        else (not isinstance(v, bool) and isinstance(v, int) and v >= 0)
+    )
+    if not ok:
+        raise ValueError(
+            f"format {spec.format!r}: spec option {name}={v!r} is not allowed; "
+            f"{name} must be {'a bool' if kind == 'bool' else 'an ' + kind}"
+        )
+    return v
+
+
 def _k(geometry: LayerGeometry) -> int:
     return geometry.kernel_size[0] * geometry.kernel_size[1]
 
@@ -100,6 +132,10 @@ def lowrank_plans(
 def best_plan(plans: dict[str, int]) -> str:
     """The cheapest plan; ties go to the earliest (factored before dense)."""
     return min(plans, key=lambda name: plans[name])
+
+
+#: the spec options of format "svd" and their values
+_OPTIONS = {"balanced": "bool"}
 
 
 class LowRankFormat(Format):
@@ -140,13 +176,13 @@ class LowRankFormat(Format):
         return weight.reshape(weight.shape[0], -1)
 
     def project(self, weight: torch.Tensor, spec: FactorSpec) -> torch.Tensor:
+        spec_option(spec, "balanced", True, _OPTIONS)  # reject unknown/bad options early
         return lowrank_project(self._matrix(weight), spec.ranks[0]).reshape(weight.shape)
 
     def decompose(self, weight: torch.Tensor, spec: FactorSpec) -> list[torch.Tensor]:
         """``[A (O, r), B (r, I[, kh, kw])]`` with ``A @ B.reshape(r, -1)`` the projection."""
-        A, B = lowrank_svd(
-            self._matrix(weight), spec.ranks[0], balanced=bool(spec.options.get("balanced", True))
-        )
+        balanced = spec_option(spec, "balanced", True, _OPTIONS)
+        A, B = lowrank_svd(self._matrix(weight), spec.ranks[0], balanced=balanced)
         return [A, B.reshape(B.shape[0], *weight.shape[1:])]
 
     def build(

@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, register_format
-from tdcompress.formats.lowrank import best_plan, check_groups, check_no_shapes, check_ranks
+from tdcompress.formats.lowrank import (
+    best_plan,
+    check_groups,
+    check_no_shapes,
+    check_ranks,
+    spec_option,
+)
 from tdcompress.tensor import tucker, tucker_project
 
 __all__ = ["Tucker2Format", "tucker2_plans", "DEFAULT_N_ITER"]
@@ -109,7 +115,7 @@ class Tucker2Format(Format):
 
     @staticmethod
     def _n_iter(spec: FactorSpec) -> int:
-        return int(spec.options.get("n_iter", DEFAULT_N_ITER))
+        return int(spec_option(spec, "n_iter", DEFAULT_N_ITER, {"n_iter": "int >= 0"}))
 
     def project(self, weight: torch.Tensor, spec: FactorSpec) -> torch.Tensor:
         self._check_weight(weight)

@@ -238,7 +238,7 @@ class LowRankConv2d(SmallFactorizedLayer):
         cls, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
     ) -> FactorizedLayer:
         g = geometry
-        return cls(
+        layer = cls(
             g.in_features,
             g.out_features,
             g.kernel_size,
@@ -251,6 +251,8 @@ class LowRankConv2d(SmallFactorizedLayer):
             device=device,
             dtype=dtype,
         )
+        layer.spec = spec  # keep the spec's options
+        return layer
 
     in_channels = property(lambda self: self.geometry.in_features)
     out_channels = property(lambda self: self.geometry.out_features)
