@@ -240,21 +240,33 @@ def test_trace_and_export(make, shape) -> None:
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_onnx_export(tmp_path) -> None:
-    """The exported graph runs in ONNX's reference evaluator and matches the layer."""
+    """The exported graph runs in ONNX's reference evaluator and matches the layers (all
+    trace cases in one model: one export instead of five)."""
     import onnx
     from onnx.reference import ReferenceEvaluator
 
+    class _All(nn.Module):
+        def __init__(self, layers: list[nn.Module]) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(layers)
+
+        def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(m(x) for m, x in zip(self.layers, xs))
+
     torch.manual_seed(0)
-    for k, (make, shape) in enumerate(TRACE_CASES):
-        layer = make().eval()
-        x = torch.randn(shape)
-        path = str(tmp_path / f"m{k}.onnx")
-        torch.onnx.export(layer, (x,), path)
-        model = onnx.load(path)
-        onnx.checker.check_model(model)
-        (y,) = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x.numpy()})
-        with torch.no_grad():
-            torch.testing.assert_close(torch.from_numpy(y), layer(x), rtol=1e-4, atol=1e-5)
+    model = _All([make() for make, _ in TRACE_CASES]).eval()
+    xs = tuple(torch.randn(shape) for _, shape in TRACE_CASES)
+    path = str(tmp_path / "layers.onnx")
+    torch.onnx.export(model, xs, path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    feeds = {inp.name: x.numpy() for inp, x in zip(proto.graph.input, xs)}
+    ys = ReferenceEvaluator(proto).run(None, feeds)
+    with torch.no_grad():
+        want = model(*xs)
+    assert len(ys) == len(want) == len(TRACE_CASES)
+    for y, w in zip(ys, want):
+        torch.testing.assert_close(torch.from_numpy(y), w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", [Tucker2Conv2d, LowRankConv2d])
