@@ -10,8 +10,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from tdcompress.formats.base import get_format
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
@@ -287,3 +290,41 @@ def test_channels_last_and_no_grad_paths(cls, grad) -> None:
                 torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10, msg=plan)
                 if inp.is_contiguous():
                     assert y.is_contiguous()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    data=st.data(),
+    cls=st.sampled_from([Tucker2Conv2d, LowRankConv2d]),
+    i=st.integers(1, 6),
+    o=st.integers(1, 6),
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    s=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    p=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dil=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    batch=st.integers(1, 3),
+    bias=st.booleans(),
+)
+def test_random_conv_geometries_every_plan_and_macs(
+    data, cls, i, o, k, s, p, dil, batch, bias
+) -> None:
+    """Random geometries and ranks: every plan equals F.conv2d with to_dense(); the
+    format's MAC count is what torch counts in the single-sample forward; params match."""
+    hw = data.draw(st.tuples(st.integers(1, 7), st.integers(1, 7)))
+    assume(all(hw[j] + 2 * p[j] >= dil[j] * (k[j] - 1) + 1 for j in range(2)))
+    n_ranks = 2 if cls is Tucker2Conv2d else 1
+    ranks = data.draw(st.lists(st.integers(1, 8), min_size=n_ranks, max_size=n_ranks))
+    torch.manual_seed(9)
+    layer = cls(i, o, k, ranks, stride=s, padding=p, dilation=dil, bias=bias, dtype=D)
+    fmt = get_format(layer.spec.format)
+    assert all(1 <= r <= m for r, m in zip(layer.spec.ranks, fmt.max_ranks(layer.geometry, None)))
+    assert fmt.num_params(layer.geometry, layer.spec) == sum(q.numel() for q in layer.parameters())
+    x = torch.randn(batch, i, *hw, dtype=D)
+    ref = _ref_conv(layer, x)
+    for plan in CONV_PLANS[cls]:
+        layer._plans[(batch, *hw)] = plan
+        torch.testing.assert_close(layer(x), ref, rtol=1e-10, atol=1e-10, msg=plan)
+    layer._plans.clear()
+    with FlopCounterMode(display=False) as fc:
+        layer(x[:1])
+    assert fmt.macs(layer.geometry, layer.spec, hw) == fc.get_total_flops() // 2
