@@ -188,6 +188,8 @@ def test_errors() -> None:
         f(torch.randn(5, 3, 6), (torch.zeros(1, 3, 4), torch.zeros(2, 3, 4)))
     with pytest.raises(ValueError, match=r"FactorizedLSTM: input must have shape"):
         f(torch.randn(5, 3, 7))
+    with pytest.raises(ValueError, match=r"FactorizedLSTM: input has sequence length 0 .*>= 1"):
+        FactorizedLSTM(6, 4, batch_first=True)(torch.randn(3, 0, 6))
 
 
 @pytest.mark.parametrize("loss", ["output", "state"])

@@ -277,6 +277,11 @@ class FactorizedLSTM(nn.Module):
         if self.batch_first and not unbatched:
             x = x.transpose(0, 1)
         T, B = int(x.shape[0]), int(x.shape[1])
+        if T == 0:
+            raise ValueError(
+                f"{name}: input has sequence length 0 (shape {tuple(input.shape)}); "
+                "the sequence length must be >= 1"
+            )
         H, L = self.hidden_size, self.num_layers
         if hx is None:
             h0 = x.new_zeros(L, B, H)
