@@ -18,7 +18,8 @@ parameter ratio, with the same epoch budget after the dense baseline for every m
 Every run is a Pipeline run folder (resumable); a run with ``bench_result.json`` is skipped
 on rerun. A ratio a format cannot reach (e.g. svd at 60x) is recorded as ``unreachable``.
 
-    python benchmarks/quality.py --dataset mnist --ratios 10 30 60 --seeds 0 --middle-seeds 1 2
+    python benchmarks/quality.py --dataset mnist --ratios 10 30 60 --seeds 0 --middle-seeds 1 2 \
+        --middle-methods admm dtf scratch
 """
 
 from __future__ import annotations
@@ -344,8 +345,9 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[int, float | None, str]]:
     for s in seeds:
         runs.append((s, None, "dense"))
         ratios = args.ratios if s in args.seeds else [mid]
+        methods = args.methods if s in args.seeds else args.middle_methods or args.methods
         for r in ratios:
-            runs += [(s, r, m) for m in args.methods]
+            runs += [(s, r, m) for m in methods]
     return runs
 
 
@@ -588,6 +590,13 @@ def parser() -> argparse.ArgumentParser:
         help="extra seeds run at the middle ratio only",
     )
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument(
+        "--middle-methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="methods run for the --middle-seeds (default: --methods)",
+    )
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--out-dir", default="runs/quality")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)

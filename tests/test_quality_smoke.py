@@ -109,6 +109,10 @@ def test_quality_budget_and_seeds() -> None:
     assert runs.count((1, None, "dense")) == 1
     assert {r for s, r, m in runs if s == 1 and m != "dense"} == {30}
     assert len(runs) == 2 + 3 * len(q.METHODS) + len(q.METHODS)
+    args.middle_methods = ["admm", "dtf"]
+    runs = q.plan_runs(args)
+    assert [(r, m) for s, r, m in runs if s == 1] == [(None, "dense"), (30, "admm"), (30, "dtf")]
+    assert len(runs) == 2 + 3 * len(q.METHODS) + 2
     with pytest.raises(SystemExit):
         q.parser().parse_args(["--dataset", "mnist", "--ratios", "0.5"])
 
