@@ -22,12 +22,19 @@ METHODS = ("gram", "svd")
 _ESCALATION = ("gram", "gram64", "svd")
 
 
-def run_with_fallback(fn, method: str):
+#: tensors up to this many entries start with a float64 Gram matrix: it costs next to
+#: nothing at that size and spares the rerun that decaying spectra often trigger in float32
+SMALL = 1 << 20
+
+
+def run_with_fallback(fn, method: str, numel: int = SMALL + 1):
     """``fn(method) -> (result, flags)``; with ``"gram"``, rerun with a float64 Gram
-    matrix and then with the LAPACK SVD while any step's guard fires (one sync each)."""
+    matrix and then with the LAPACK SVD while any step's guard fires (one sync each).
+    Inputs of at most :data:`SMALL` entries (``numel``) start at the float64 Gram matrix."""
     if method != "gram":
         return fn(method)[0]
-    for m in _ESCALATION:
+    start = 1 if numel <= SMALL else 0
+    for m in _ESCALATION[start:]:
         result, flags = fn(m)
         if m == "svd" or not any_flag(flags):
             return result

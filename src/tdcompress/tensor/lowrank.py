@@ -29,7 +29,7 @@ def lowrank_svd(
         A, B, flag, _ = truncate(xw, rank, m)
         return (A, B), [flag]
 
-    A, B = run_with_fallback(run, method)
+    A, B = run_with_fallback(run, method, xw.numel())
     if balanced:  # SVD of the small factor B only: (r x n)
         U, S, Vh = torch.linalg.svd(B, full_matrices=False)
         s = S.sqrt()

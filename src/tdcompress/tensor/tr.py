@@ -76,7 +76,7 @@ def tr_svd(
         cores, flags = tt_sweep(rest, shape[1:], r[1], r[0], r[2:], meth, None)
         return [first.contiguous(), *cores], [flag, *flags]
 
-    cores = run_with_fallback(run, method)
+    cores = run_with_fallback(run, method, xw.numel())
     return [c.to(x.dtype) for c in cores]
 
 

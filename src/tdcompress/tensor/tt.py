@@ -138,7 +138,9 @@ def tt_svd(
     budget = None
     if tol is not None:
         budget = (tol * float(torch.linalg.vector_norm(xw.double()))) ** 2 / (len(shape) - 1)
-    cores = run_with_fallback(lambda m: tt_sweep(xw, shape, 1, 1, clipped, m, budget), method)
+    cores = run_with_fallback(
+        lambda m: tt_sweep(xw, shape, 1, 1, clipped, m, budget), method, xw.numel()
+    )
     return [c.to(x.dtype) for c in cores]
 
 

@@ -81,7 +81,7 @@ def tucker(
     modes = _check_modes(modes, x.dim())
     r = expand_ranks(ranks, len(modes))
     xw = x.to(working_dtype(x))
-    factors = run_with_fallback(lambda m: _factors(xw, r, modes, n_iter, m), method)
+    factors = run_with_fallback(lambda m: _factors(xw, r, modes, n_iter, m), method, xw.numel())
     core = xw
     for m, U in zip(modes, factors):
         core = mode_product(core, U.mT, m)
