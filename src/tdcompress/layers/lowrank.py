@@ -314,10 +314,11 @@ def pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
         rows = x.permute(0, 2, 3, 1).reshape(n * h * wd, c)
         y = rows @ w.t() if bias is None else torch.addmm(bias, rows, w.t())
         return y.reshape(n, h, wd, o).permute(0, 3, 1, 2)
-    xm = x.reshape(n, c, h * wd)
-    if n == 1:
-        y = w @ xm[0] if bias is None else torch.addmm(bias[:, None], w, xm[0])
+    if n == 1:  # (a reshape, not a select of the batch index: cheaper backward)
+        xm = x.reshape(c, h * wd)
+        y = w @ xm if bias is None else torch.addmm(bias[:, None], w, xm)
         return y.reshape(1, o, h, wd)
+    xm = x.reshape(n, c, h * wd)
     # bmm against the stride-0 expanded weight: no copy of x or of the result (torch.matmul
     # would transpose both, and hand the next conv a strided tensor it runs slowly)
     y = torch.bmm(w.expand(n, o, c), xm).reshape(n, o, h, wd)
