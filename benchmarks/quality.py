@@ -20,6 +20,10 @@ on rerun. A ratio a format cannot reach (e.g. svd at 60x) is recorded as ``unrea
 
     python benchmarks/quality.py --dataset mnist --ratios 10 30 60 --seeds 0 --middle-seeds 1 2 \
         --middle-methods admm dtf scratch
+
+Budget: epochs = baselines * D + runs * (A + F) + scratch runs * D (D, A, F: dense, admm,
+finetune epochs). A full-data MNIST LeNet-5 epoch took ~60 s at 1 thread on the busy shared
+machine (load ~6); cut D/A/F with ``--set`` for the recorded runs, for every method alike.
 """
 
 from __future__ import annotations
