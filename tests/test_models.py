@@ -57,7 +57,7 @@ def test_registry_names_and_argument_errors():
 
 def test_lenet_matches_functional_oracle_and_caffe_init():
     torch.manual_seed(0)
-    m = build_model("lenet5")
+    m = build_model("lenet5", init="caffe")
     for layer in (m.conv1, m.conv2, m.fc1, m.fc2):
         fan_in = layer.weight[0].numel()
         bound = (3 / fan_in) ** 0.5
