@@ -121,6 +121,11 @@ def test_counts_init_and_repr() -> None:
     assert sum(p.numel() for p in g.parameters()) == want
     assert g.input_layers[0] is lr
     assert "10, 8, num_layers=2" in repr(g) and "LowRankLinear" in repr(g)
+    # nn.LSTM attributes/methods that training code touches
+    for nm in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout"):
+        assert getattr(g, nm) == getattr(ref, nm), nm
+    assert (g.bidirectional, g.proj_size) == (ref.bidirectional, ref.proj_size)
+    g.flatten_parameters()
 
 
 def test_dropout_only_in_training() -> None:

@@ -244,6 +244,13 @@ class FactorizedLSTM(nn.Module):
         out.train(lstm.training)
         return out
 
+    #: ``nn.LSTM`` attributes for code that inspects them (neither option is supported)
+    bidirectional = False
+    proj_size = 0
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for ``nn.LSTM`` (there is no cuDNN weight buffer)."""
+
     def _check_state(self, t: torch.Tensor, nm: str, batch: int | None) -> None:
         want = (
             (self.num_layers, self.hidden_size)
