@@ -227,3 +227,31 @@ def test_hand_written_backward_matches_autograd_of_nn_lstm(loss) -> None:
         f.input_layers[0].cores[0].grad, g_ref @ f.input_layers[0].cores[1].detach().t()
     )
     assert w_ih.shape == g_ref.shape
+
+
+def test_autocast_bf16_matches_nn_lstm_and_trains() -> None:
+    """Under CPU autocast (bf16) the output dtypes are nn.LSTM's, values agree with the
+    float32 result to bf16 accuracy, and the backward runs and gives the float32
+    gradients to bf16 accuracy."""
+    torch.manual_seed(9)
+    ref = nn.LSTM(6, 4, num_layers=2, batch_first=True)
+    f = FactorizedLSTM.from_lstm(ref, [LowRankLinear.from_dense(_dense_ih(ref, 0), 100), None])
+    x = torch.randn(3, 5, 6)
+    out32, (h32, c32) = f(x)
+    (out32.sum() + c32.sum()).backward()
+    g32 = [p.grad.clone() for p in f.parameters()]
+    f.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = f(x)
+        out_r, (h_r, c_r) = ref(x)
+    assert (out.dtype, h.dtype, c.dtype) == (out_r.dtype, h_r.dtype, c_r.dtype)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).norm() / b.norm())
+
+    for a, b in ((out, out32), (h, h32), (c, c32)):
+        assert rel(a, b) < 0.02
+    (out.float().sum() + c.float().sum()).backward()
+    for p, g in zip(f.parameters(), g32):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert rel(p.grad, g) < 0.03

@@ -88,7 +88,21 @@ def recurrence(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(output (T, B, H), h_n, c_n)`` of the LSTM recurrence on precomputed input gates
     ``gx`` (T, B, 4H, biases included). Under autograd (not tracing or exporting) it runs
-    :class:`_Recurrence`; otherwise the plain loop, which traces and exports."""
+    :class:`_Recurrence`; otherwise the plain loop, which traces and exports. Under
+    autocast everything runs in the autocast dtype, as ``nn.LSTM`` does (mixed dtypes
+    would break the hand-written backward)."""
+    dev = gx.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        gx, h0, c0, w_hh = (t.to(dt) for t in (gx, h0, c0, w_hh))
+        with torch.autocast(dev, enabled=False):
+            return _recurrence(gx, h0, c0, w_hh)
+    return _recurrence(gx, h0, c0, w_hh)
+
+
+def _recurrence(
+    gx: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     needs_grad = torch.is_grad_enabled() and (
         gx.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
     )
