@@ -328,3 +328,37 @@ def test_random_conv_geometries_every_plan_and_macs(
     with FlopCounterMode(display=False) as fc:
         layer(x[:1])
     assert fmt.macs(layer.geometry, layer.spec, hw) == fc.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("cls", [Tucker2Conv2d, LowRankConv2d, LowRankLinear])
+def test_autocast_bf16_every_plan(cls) -> None:
+    """Under CPU autocast every plan returns the dense op's autocast dtype (bf16), the
+    float32 result to bf16 accuracy, and float32 gradients close to the float32 ones."""
+    torch.manual_seed(10)
+    if cls is LowRankLinear:
+        layer, x = LowRankLinear(9, 7, 3), torch.randn(4, 9)
+        key, plans = (4,), ["factored", "dense"]
+    else:
+        layer = cls(5, 7, 3, (3, 2) if cls is Tucker2Conv2d else 2, stride=2, padding=1)
+        x, key, plans = torch.randn(3, 5, 9, 8), (3, 9, 8), CONV_PLANS[cls]
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.detach().float() - b.detach()).norm() / b.detach().norm())
+
+    for plan in plans:
+        layer._plans[key] = plan
+        layer.zero_grad()
+        ref = layer(x)
+        ref.square().sum().backward()
+        g32 = [p.grad.clone() for p in layer.parameters()]
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            want_dtype = (F.linear if cls is LowRankLinear else F.conv2d)(
+                x, layer.to_dense(), layer.bias
+            ).dtype
+        assert y.dtype == want_dtype == torch.bfloat16, plan
+        assert rel(y, ref) < 0.02, plan
+        y.float().square().sum().backward()
+        for p, g in zip(layer.parameters(), g32):
+            assert p.grad.dtype == torch.float32 and rel(p.grad, g) < 0.03, plan

@@ -322,7 +322,9 @@ def pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     # bmm against the stride-0 expanded weight: no copy of x or of the result (torch.matmul
     # would transpose both, and hand the next conv a strided tensor it runs slowly)
     y = torch.bmm(w.expand(n, o, c), xm).reshape(n, o, h, wd)
-    return y if bias is None else y + bias.reshape(1, o, 1, 1)
+    # in place: no extra activation-sized tensor, and the result keeps the product's dtype
+    # (under autocast a float32 bias would otherwise promote a bf16/fp16 output to float32)
+    return y if bias is None else y.add_(bias.reshape(1, o, 1, 1))
 
 
 def _conv_repr(g: LayerGeometry, ranks: str) -> str:
