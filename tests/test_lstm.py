@@ -255,3 +255,14 @@ def test_autocast_bf16_matches_nn_lstm_and_trains() -> None:
     for p, g in zip(f.parameters(), g32):
         assert p.grad is not None and p.grad.dtype == p.dtype
         assert rel(p.grad, g) < 0.03
+
+
+def test_meta_device_like_nn_lstm() -> None:
+    """Runs on the meta device (shape inference without memory), as nn.LSTM does; the
+    autocast check must not trip on device types autocast does not know."""
+    ref = nn.LSTM(5, 3, 2, batch_first=True, device="meta")
+    f = FactorizedLSTM.from_lstm(ref)
+    x = torch.empty(2, 4, 5, device="meta")
+    got, want = f(x), ref(x)
+    assert [t.shape for t in (got[0], *got[1])] == [t.shape for t in (want[0], *want[1])]
+    assert all(t.device.type == "meta" for t in (got[0], *got[1]))

@@ -92,7 +92,7 @@ def recurrence(
     autocast everything runs in the autocast dtype, as ``nn.LSTM`` does (mixed dtypes
     would break the hand-written backward)."""
     dev = gx.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         gx, h0, c0, w_hh = (t.to(dt) for t in (gx, h0, c0, w_hh))
         with torch.autocast(dev, enabled=False):
