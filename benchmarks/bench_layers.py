@@ -10,7 +10,15 @@ the times. tensorly-torch: ``FactorizedLinear(factorization="blocktt")`` is the 
 TT-matrix; for convs its TT of the 4-way kernel [O, I, kh, kw] at the same rank is the
 closest layer it has (not the same layout as ours).
 
+Tucker-2 ("tucker2", convs only) and low rank ("svd", convs and matrices) run on the same
+cases at the largest uniform rank whose layer has no more parameters than that case's TT
+layer (rank 1 at least). tensorly-torch: ``FactorizedConv(factorization="tucker",
+rank=(r, r, kh, kw))`` is the same Tucker-2 layer (full rank on the spatial modes);
+``FactorizedLinear(factorization="cp")`` on the untensorized (M, N) matrix is the same
+rank-r matrix; it has no low-rank (O, I kh kw) conv, so those rows have no tltorch column.
+
     python benchmarks/bench_layers.py [--quick] [--threads 2] [--channels-last] [--out PATH]
+        [--formats tt,tr,tucker2,svd] [--budget SECONDS]
 
 The machine is shared; set MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ high for the
 allocator effect described in docs/performance-notes; both settings are recorded.
@@ -30,9 +38,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import tdcompress.formats.lowrank  # noqa: F401
 import tdcompress.formats.tr  # noqa: F401
 import tdcompress.formats.tt  # noqa: F401
+import tdcompress.formats.tucker2  # noqa: F401
 from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, available_formats, get_format
+from tdcompress.formats.lowrank import lowrank_plans
+from tdcompress.formats.tucker2 import tucker2_plans
+
+#: formats timed at the parameter count of the case's TT layer instead of at a given rank
+PARAM_MATCHED = ("tucker2", "svd")
 
 try:  # optional competitor
     import tltorch
@@ -83,6 +98,27 @@ def rank_for_ratio(fmt: Format, geo: LayerGeometry, ratio: float, **kw) -> Facto
     return best
 
 
+def tt_spec(case: dict) -> FactorSpec:
+    """The TT spec the ``"tt"`` rows of ``case`` use."""
+    tt = get_format("tt")
+    kw = case.get("kw", {})
+    if "rank" in case:
+        return tt.resolve(case["geo"], case["rank"], **kw)
+    return rank_for_ratio(tt, case["geo"], 6.8, **kw)
+
+
+def resolve_spec(case: dict, fmt: Format) -> FactorSpec:
+    """TT/TR: the case's rank or the 6.8x rule; Tucker-2/low rank: the largest uniform rank
+    with no more parameters than the case's TT layer."""
+    geo, kw = case["geo"], case.get("kw", {})
+    if fmt.name in PARAM_MATCHED:
+        target = get_format("tt").num_params(geo, tt_spec(case))
+        return rank_for_ratio(fmt, geo, geo.dense_params / target)
+    if "rank" in case:
+        return fmt.resolve(geo, case["rank"], **kw)
+    return rank_for_ratio(fmt, geo, 6.8, **kw)
+
+
 def cases(quick: bool) -> list[dict]:
     out = []
     for c, hw in ((16, 32), (32, 16), (64, 8)):
@@ -100,9 +136,27 @@ def cases(quick: bool) -> list[dict]:
 
 
 def tltorch_layer(case: dict, spec: FactorSpec, fmt_name: str) -> nn.Module | None:
-    if tltorch is None or fmt_name != "tt":
-        return None
     geo = case["geo"]
+    if tltorch is None or fmt_name not in ("tt", "tucker2", "svd"):
+        return None
+    if fmt_name == "tucker2":
+        ro, ri = spec.ranks
+        return tltorch.FactorizedConv(
+            geo.in_features,
+            geo.out_features,
+            3,
+            order=2,
+            padding=1,
+            factorization="tucker",
+            rank=(ro, ri, 3, 3),
+            implementation="factorized",
+        )
+    if fmt_name == "svd":
+        if geo.kind != "linear":
+            return None  # no low-rank (O, I kh kw) conv in tensorly-torch
+        return tltorch.FactorizedLinear(
+            (geo.in_features,), (geo.out_features,), factorization="cp", rank=spec.ranks[0]
+        )
     r = max(spec.ranks)
     if geo.kind == "linear":
         ranks = (1, *spec.ranks, 1)
@@ -131,7 +185,16 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/bench_layers.json")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
     ap.add_argument("--channels-last", action="store_true", help="conv inputs in NHWC")
+    ap.add_argument(
+        "--formats",
+        default=",".join(available_formats()),
+        help="comma-separated formats to time (default: all registered)",
+    )
     args = ap.parse_args()
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    unknown = sorted(set(formats) - set(available_formats()))
+    if unknown or not formats:
+        ap.error(f"--formats {args.formats!r}: unknown {unknown}; allowed: {available_formats()}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batches = (1, 32) if args.quick else (1, 32, 256)
@@ -140,16 +203,12 @@ def main() -> None:
         geo, hw = case["geo"], case["hw"]
         w = torch.randn(geo.weight_shape) * (geo.weight_shape[1] * (9 if hw else 1)) ** -0.5
         dense = dense_layer(geo, w)
-        for name in available_formats():
+        for name in formats:
             fmt = get_format(name)
             if geo.kind not in fmt.kinds:
                 continue
-            kw = case.get("kw", {})
             try:
-                if "rank" in case:
-                    spec = fmt.resolve(geo, case["rank"], **kw)
-                else:
-                    spec = rank_for_ratio(fmt, geo, 6.8, **kw)
+                spec = resolve_spec(case, fmt)
                 layer = fmt.build(geo, fmt.decompose(w, spec), spec, dense.bias.detach())
             except (ValueError, TypeError) as e:
                 print(f"skip {case['name']} {name}: {e}")
@@ -191,6 +250,8 @@ def main() -> None:
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "MALLOC_TRIM_THRESHOLD_": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "tltorch": getattr(tltorch, "__version__", None),
+        "formats": formats,
+        "budget_s": args.budget,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -201,6 +262,10 @@ def _planned_macs(fmt, layer, geo, spec, hw, batch) -> int:
     st = getattr(layer, "structure", None)
     if st is not None:  # TT/TR layers plan per batch size
         return st.count_macs(geo, hw, batch)
+    if fmt.name == "tucker2":  # the layer runs the cheapest plan for the batch
+        return min(tucker2_plans(geo, tuple(spec.ranks), batch, hw).values())
+    if fmt.name == "svd":
+        return min(lowrank_plans(geo, spec.ranks[0], batch, hw).values())
     return batch * fmt.macs(geo, spec, hw)
 
 
