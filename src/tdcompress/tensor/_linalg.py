@@ -4,8 +4,9 @@
 ``Q @ T`` is the best rank-``k`` approximation of ``M`` (Eckart-Young), like a truncated SVD.
 
 Method ``"gram"`` (the default) takes the eigendecomposition of the smaller Gram matrix
-(``M M^T`` or ``M^T M``) in float64 instead of an SVD of ``M``: the same truncation, 10-150x
-faster on the wide unfoldings of TT-SVD (measured in ``benchmarks/bench_projection.py``).
+(``M M^T`` or ``M^T M``) instead of an SVD of ``M``: the same truncation, 4-18x faster than
+LAPACK's SVD over the whole TT projection on the layer tensors of
+``benchmarks/bench_projection.py`` (docs/performance.md).
 A Gram matrix squares the condition number, so directions with singular values below about
 ``sqrt(eps) * s_max`` are not resolved. Every call therefore reports whether the *kept*
 spectrum reaches that floor; the callers gather these flags and, once per decomposition,
