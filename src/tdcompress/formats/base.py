@@ -10,6 +10,7 @@ MAC counts, so projection and decomposition cannot disagree:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -23,6 +24,7 @@ __all__ = [
     "register_format",
     "get_format",
     "available_formats",
+    "parse_layer_ranks",
 ]
 
 
@@ -80,8 +82,7 @@ class LayerGeometry:
                 )
             if module.padding_mode != "zeros":
                 raise ValueError(
-                    f"Conv2d padding_mode={module.padding_mode!r} is not supported; "
-                    "only 'zeros' is"
+                    f"Conv2d padding_mode={module.padding_mode!r} is not supported; only 'zeros' is"
                 )
             return cls(
                 "conv2d",
@@ -243,6 +244,29 @@ class Format(ABC):
                 f"{layer_name}: format {self.name!r} does not support {geometry.kind} layers; "
                 f"it supports {list(self.kinds)}"
             )
+
+
+def parse_layer_ranks(ranks: Any, n: int, layer_name: str, count_hint: str) -> list[int]:
+    """``ranks`` as ``n`` ints >= 1 (one int, a 1-sequence or an ``n``-sequence); a wrong
+    count raises ValueError ending in ``count_hint`` (what the format takes)."""
+    if isinstance(ranks, torch.Tensor):
+        ranks = ranks.tolist()
+    if isinstance(ranks, Sequence) and not isinstance(ranks, str):
+        vals = list(ranks)
+        if len(vals) == 1:
+            vals = vals * n
+        if len(vals) != n:
+            raise ValueError(
+                f"{layer_name}: ranks {list(ranks)} has {len(vals)} entries, but {count_hint}"
+            )
+    else:
+        vals = [ranks] * n
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
+        if v < 1:
+            raise ValueError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
+    return [int(v) for v in vals]
 
 
 _REGISTRY: dict[str, Format] = {}

@@ -17,13 +17,18 @@ the forward does): ``"factored"`` (two steps) or ``"dense"`` (reconstruct, one o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, register_format
+from tdcompress.formats.base import (
+    FactorSpec,
+    Format,
+    LayerGeometry,
+    parse_layer_ranks,
+    register_format,
+)
 from tdcompress.tensor import lowrank_project, lowrank_svd
 
 __all__ = [
@@ -38,25 +43,8 @@ __all__ = [
 
 def check_ranks(ranks: Any, n: int, layer_name: str, fmt_name: str, meaning: str) -> list[int]:
     """``ranks`` as ``n`` ints >= 1 (one int, a 1-sequence or an ``n``-sequence)."""
-    if isinstance(ranks, torch.Tensor):
-        ranks = ranks.tolist()
-    if isinstance(ranks, Sequence) and not isinstance(ranks, str):
-        vals = list(ranks)
-        if len(vals) == 1:
-            vals = vals * n
-        if len(vals) != n:
-            raise ValueError(
-                f"{layer_name}: ranks {list(ranks)} has {len(vals)} entries, but format "
-                f"{fmt_name!r} takes one int or {n} ints ({meaning})"
-            )
-    else:
-        vals = [ranks] * n
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
-        if v < 1:
-            raise ValueError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
-    return [int(v) for v in vals]
+    hint = f"format {fmt_name!r} takes one int or {n} ints ({meaning})"
+    return parse_layer_ranks(ranks, n, layer_name, hint)
 
 
 def check_no_shapes(

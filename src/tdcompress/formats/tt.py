@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from tdcompress.formats import layouts
-from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, register_format
+from tdcompress.formats.base import (
+    FactorSpec,
+    Format,
+    LayerGeometry,
+    parse_layer_ranks,
+    register_format,
+)
 from tdcompress.tensor import (
     balanced_factorization,
     tt_clip_ranks,
@@ -178,26 +184,11 @@ class RingFormatBase(Format):
         )
 
     def _check_ranks(self, ranks: Any, n: int, layer_name: str, layout: str) -> list[int]:
-        if isinstance(ranks, torch.Tensor):
-            ranks = ranks.tolist()
-        if isinstance(ranks, Sequence) and not isinstance(ranks, str):
-            vals = list(ranks)
-            if len(vals) == 1:
-                vals = vals * n
-            if len(vals) != n:
-                raise ValueError(
-                    f"{layer_name}: ranks {list(ranks)} has {len(vals)} entries, but format "
-                    f"{self.name!r} with layout {layout!r} has {n} bonds here; give one int "
-                    f"or {n} ints"
-                )
-        else:
-            vals = [ranks] * n
-        for v in vals:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
-            if v < 1:
-                raise ValueError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
-        return [int(v) for v in vals]
+        hint = (
+            f"format {self.name!r} with layout {layout!r} has {n} bonds here; give one int "
+            f"or {n} ints"
+        )
+        return parse_layer_ranks(ranks, n, layer_name, hint)
 
     @staticmethod
     def _layout(spec: FactorSpec) -> str:
