@@ -40,15 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tdcompress.config import Config, load_config
 from tdcompress.data import make_loaders
 from tdcompress.data.loader import TensorLoader
-from tdcompress.layers._base import FactorizedLayer
 from tdcompress.pipeline import Pipeline
-from tdcompress.train.checkpoint import atomic_write_text, save_checkpoint
-from tdcompress.train.loop import evaluate
+from tdcompress.train.checkpoint import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "mnist_lenet5_tt_small.yaml"
@@ -80,8 +76,8 @@ _DATA_CACHE: dict[tuple[Any, ...], tuple[Any, Any, dict[str, Any]]] = {}
 class BenchPipeline(Pipeline):
     """A Pipeline with the benchmark's method variants and a data cache shared by runs.
 
-    ``method`` ``dtf`` and ``scratch`` skip the ADMM stage; ``scratch`` replaces the
-    decomposition by the compressed architecture at random initialisation.
+    ``dtf`` and ``scratch`` are plain configs (``admm.epochs=0``; scratch adds
+    ``compress.init=random``); ``method`` only labels the run.
     ``test_subset``: evaluate on the first N test images only (quick mode).
     """
 
@@ -124,33 +120,6 @@ class BenchPipeline(Pipeline):
             self._data = _DATA_CACHE[key]
         return self._data
 
-    def stage_admm(self) -> None:
-        if self.method in ("dtf", "scratch"):
-            self._mark_done("admm", {"skipped": f"method {self.method} has no ADMM phase"})
-            return
-        super().stage_admm()
-
-    def stage_decompose(self) -> None:
-        if self.method != "scratch":
-            super().stage_decompose()
-            return
-        # compressed_model() seeds and builds a random dense model, then decomposes it;
-        # the factorized layers are then re-initialised: every weight is random.
-        model = self.compressed_model()
-        torch.manual_seed(self.cfg.seed)
-        n = 0
-        for m in model.modules():
-            if isinstance(m, FactorizedLayer):
-                m.reset_parameters()
-                n += 1
-        ev = evaluate(model, self.data()[1], device=self.device)
-        save_checkpoint(self.out / "decomposed.pt", {"model": model.state_dict()})
-        params = sum(p.numel() for p in model.parameters())
-        self._mark_done(
-            "decompose",
-            {"test_acc": ev["acc"], "params": params, "source": f"random init ({n} layers)"},
-        )
-
 
 # ------------------------------------------------------------------------------ configs
 def base_sets(args: argparse.Namespace) -> list[str]:
@@ -179,6 +148,7 @@ def method_sets(method: str, base: Config) -> list[str]:
         optim = json.dumps(_asdict(base.dense.optim))
         return [
             "compress.format=tt",
+            "compress.init=random",
             "admm.epochs=0",
             f"finetune.epochs={d + a + f}",
             f"finetune.optim={optim}",

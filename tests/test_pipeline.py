@@ -17,6 +17,7 @@ import yaml
 from tdcompress.cli import main
 from tdcompress.config import load_config
 from tdcompress.pipeline import Pipeline
+from tdcompress.surgery import decompose
 
 CFG = {
     "name": "tiny",
@@ -152,3 +153,31 @@ def test_missing_data_files_name_the_file(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="mnist/train-images-idx3-ubyte.gz: file not found"):
         Pipeline(cfg).run(("train",))
+
+
+def test_diverged_training_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    cfg = load_config(
+        write_cfg(tmp_path / "c.yaml", tmp_path / "run", dense={"epochs": 3, "optim": {"lr": 1e6}})
+    )
+    with pytest.raises(FloatingPointError, match=r"dense epoch 1/3.*dense\.optim\.lr"):
+        Pipeline(cfg).run(("train",))
+    assert not (tmp_path / "run" / "dense.ckpt.pt").exists()  # nothing non-finite saved
+
+
+def test_random_init_trains_the_factorized_architecture_from_scratch(tmp_path):
+    over = {"init": "random", "format": "tt", "ranks": 16}
+    cfg = load_config(
+        write_cfg(tmp_path / "c.yaml", tmp_path / "run", compress=over, admm={"epochs": 0})
+    )
+    p = Pipeline(cfg)
+    p.run(("train", "plan", "admm", "decompose"))
+    assert p.state()["done"]["decompose"]["source"].startswith("random init")
+    scratch = torch.load(tmp_path / "run" / "decomposed.pt")["model"]
+    trained = p.dense_model()
+    trained.load_state_dict(torch.load(tmp_path / "run" / "dense.pt")["model"])
+    from_dense = decompose(trained, p.load_plan())[0].state_dict()
+    # the same architecture, and not one tensor taken from the trained dense model
+    assert scratch.keys() == from_dense.keys()
+    assert not [k for k in scratch if torch.equal(scratch[k], from_dense[k])]
+    with pytest.raises(ValueError, match=r"compress\.init must be one of"):
+        load_config(None, ["compress.init=zeros"])

@@ -73,6 +73,9 @@ class CompressConfig:
     lstm: bool = False
     layout: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    # decompose: factors from the (ADMM-trained) dense weights; random: the same factorized
+    # architecture at random initialisation ("from scratch"; set admm.epochs to 0)
+    init: str = "decompose"
 
 
 @dataclass
@@ -178,4 +181,20 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
         if not isinstance(d, dict):
             raise ValueError(f"config file {p} must hold a mapping at the top level")
     d = apply_overrides(d, list(sets or []))
-    return _build(Config, d, "")
+    cfg = _build(Config, d, "")
+    _check_choices(cfg)
+    return cfg
+
+
+_CHOICES = {
+    ("compress", "init"): ("decompose", "random"),
+    ("admm", "mode"): ("penalty", "hook"),
+    ("runtime", "amp"): (None, "none", "bf16", "fp16"),
+}
+
+
+def _check_choices(cfg: Config) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        v = getattr(getattr(cfg, section), key)
+        if v not in allowed:
+            raise ValueError(f"{section}.{key} must be one of {list(allowed)}, got {v!r}")

@@ -210,6 +210,14 @@ class Pipeline:
                 desc=f"{name} {epoch + 1}/{phase.epochs}",
                 progress=self.cfg.runtime.progress,
             )
+            if not math.isfinite(tr["loss"]):
+                kept = f"{ckpt} (after epoch {epoch})" if ckpt.exists() else "none"
+                raise FloatingPointError(
+                    f"{name} epoch {epoch + 1}/{phase.epochs}: the training loss is "
+                    f"{tr['loss']} (diverged) at {name}.optim.lr={opt.param_groups[0]['lr']:g}; "
+                    f"lower {name}.optim.lr or set {name}.optim.warmup_epochs. Nothing of this "
+                    f"epoch was saved; last checkpoint kept: {kept}"
+                )
             ev = evaluate(model, test_loader, device=self.device, amp=self.cfg.runtime.amp)
             last = {
                 "phase": name,
@@ -280,12 +288,14 @@ class Pipeline:
         return p
 
     def stage_admm(self) -> None:
+        if self.cfg.admm.epochs == 0:  # plain decomposition (or from scratch): no ADMM phase
+            self._mark_done("admm", {"skipped": "admm.epochs is 0"})
+            return
         model = self.dense_model()
         model.load_state_dict(load_checkpoint(self.out / "dense.pt", self.device)["model"])
         res = self._train_phase("admm", model, self.cfg.admm, admm_cfg=self.cfg.admm)
         admm = res["admm"]
-        if self.cfg.admm.epochs > 0:
-            admm.update()
+        admm.update()
         ev = evaluate(model, self.data()[1], device=self.device)
         resid = admm.residuals(decomposition_error=True)
         if is_main():
@@ -300,6 +310,8 @@ class Pipeline:
         model.load_state_dict(load_checkpoint(self.out / src, self.device)["model"])
         new, report = decompose(model, self.load_plan())
         new = self._prepare(new)
+        if self.cfg.compress.init == "random":
+            src = self._reinitialize(new)
         ev = evaluate(new, self.data()[1], device=self.device)
         if is_main():
             save_checkpoint(self.out / "decomposed.pt", {"model": new.state_dict()})
@@ -313,6 +325,28 @@ class Pipeline:
                 "source": src,
             },
         )
+
+    def _reinitialize(self, model: nn.Module) -> str:
+        """``compress.init: random``: every weight at random initialisation (the factorized
+        layers via ``reset_parameters()``, the rest from the seeded dense model)."""
+        from tdcompress.layers._base import FactorizedLayer
+
+        fresh = self.dense_model()  # seeded random dense weights
+        fresh_state = fresh.state_dict()
+        own = model.state_dict()
+        model.load_state_dict(
+            {
+                k: fresh_state[k] if k in fresh_state and fresh_state[k].shape == v.shape else v
+                for k, v in own.items()
+            }
+        )
+        torch.manual_seed(self.cfg.seed)
+        n = 0
+        for m in model.modules():
+            if isinstance(m, FactorizedLayer):
+                m.reset_parameters()
+                n += 1
+        return f"random init ({n} factorized layers)"
 
     def stage_finetune(self) -> None:
         model = self.compressed_model()
