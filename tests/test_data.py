@@ -305,3 +305,26 @@ def test_digits_split_is_fixed_disjoint_and_lossless():
     rows = sorted(map(tuple, torch.cat([back, torch.cat([ytr, yte])[:, None]], 1).tolist()))
     ref = np.concatenate([d.data, d.target[:, None]], 1)
     assert rows == sorted(map(tuple, ref.astype(float).tolist()))
+
+
+def test_unpadded_eval_shards_see_every_sample_exactly_once():
+    n = 10
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    y = torch.arange(n)
+    for ws in (1, 3, 4, 7):
+        shares = []
+        for r in range(ws):
+            ld = TensorLoader(x, y, 3, shuffle=False, rank=r, world_size=ws, pad=False)
+            got = [b for _, b in ld]
+            assert len(got) == len(ld)
+            shares.append(torch.cat(got).tolist() if got else [])
+            assert len(shares[-1]) == ld.num_samples
+        assert sorted(sum(shares, [])) == list(range(n))  # no sample twice, none missing
+    # make_loaders builds its test loader this way
+    from tdcompress.config import DataConfig
+    from tdcompress.data import make_loaders
+
+    _, test, _ = make_loaders(
+        DataConfig(dataset="synthetic"), device="cpu", rank=1, world_size=3
+    )
+    assert test.pad is False and test.num_samples == len(range(1, len(test.images), 3))

@@ -181,3 +181,12 @@ def test_random_init_trains_the_factorized_architecture_from_scratch(tmp_path):
     assert not [k for k in scratch if torch.equal(scratch[k], from_dense[k])]
     with pytest.raises(ValueError, match=r"compress\.init must be one of"):
         load_config(None, ["compress.init=zeros"])
+
+
+def test_missing_dense_checkpoint_names_the_option(tmp_path):
+    cfg = load_config(
+        write_cfg(tmp_path / "c.yaml", tmp_path / "run"),
+        [f"runtime.dense_checkpoint={tmp_path / 'nope.pt'}"],
+    )
+    with pytest.raises(FileNotFoundError, match=r"runtime\.dense_checkpoint .*nope\.pt"):
+        Pipeline(cfg).run(("train",))

@@ -256,7 +256,13 @@ class Pipeline:
     def stage_train(self) -> None:
         model = self.dense_model()
         if self.cfg.runtime.dense_checkpoint:
-            st = load_checkpoint(self.cfg.runtime.dense_checkpoint, map_location=self.device)
+            path = Path(self.cfg.runtime.dense_checkpoint)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"runtime.dense_checkpoint {str(path)!r} does not exist: train the dense "
+                    "model first (e.g. `tdcompress train <its dense config>`) or unset it"
+                )
+            st = load_checkpoint(path, map_location=self.device)
             model.load_state_dict(st.get("model", st))
         else:
             self._train_phase("dense", model, self.cfg.dense)

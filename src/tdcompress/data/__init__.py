@@ -95,5 +95,6 @@ def make_loaders(
         rank=rank,
         world_size=world_size,
         channels_last=channels_last,
+        pad=False,  # evaluation counts every test sample exactly once across ranks
     )
     return train, test, info

@@ -28,6 +28,8 @@ class TensorLoader:
     and rank ``r`` takes positions ``r, r + world_size, ...``: the ranks' shares are disjoint
     slices of the padded permutation and have equal size ``ceil(N / world_size)``.
     ``drop_last`` (unlike DistributedSampler's) drops this rank's incomplete last batch.
+    ``pad=False`` (evaluation) skips the padding: every sample is seen exactly once across
+    the ranks, whose shares then differ in size by at most one.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class TensorLoader:
         world_size: int = 1,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        pad: bool = True,
     ) -> None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             got = (
@@ -80,7 +83,7 @@ class TensorLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment, self.mean, self.std = augment, mean, std
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.channels_last, self.dtype = channels_last, dtype
+        self.channels_last, self.dtype, self.pad = channels_last, dtype, pad
         self._scale, self._shift = uint8_affine(mean, std, images.shape[1], self.device, dtype)
         self.epoch = 0
 
@@ -97,6 +100,8 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         """Samples this rank sees per epoch."""
+        if not self.pad:
+            return len(range(self.rank, len(self.images), self.world_size))
         return math.ceil(len(self.images) / self.world_size)
 
     def __len__(self) -> int:
@@ -107,7 +112,7 @@ class TensorLoader:
         n = len(self.images)
         idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         total = self.num_samples * self.world_size
-        if total > n:
+        if self.pad and total > n:
             idx = torch.cat([idx, idx[: total - n]])
         return idx[self.rank :: self.world_size].to(self.device)
 

@@ -1,0 +1,379 @@
+"""CIFAR-10 ResNet-20/32 at the paper's compression ratios (issue 8): run, collect, report.
+
+Every run is one config in ``configs/cifar10/`` (a plain ``tdcompress`` pipeline, resumable
+per epoch). This script runs them in dependency order (dense baselines first), skipping
+finished stages, and collects whatever has finished into
+
+- ``benchmarks/results/quality-cifar10.json`` (per run: top-1, parameters, whole-model
+  ratio, MAC reduction, epochs per phase, wall time, the paper's figure, per-epoch curves),
+- ``docs/results/cifar10.md`` (the table) and ``docs/results/cifar10-curves.png``.
+
+Runs not finished yet are listed with the epochs they have done, so the table can be
+committed as results arrive and the command rerun in a later working stretch.
+
+    python benchmarks/cifar10.py --run all --data-root ../shared/data   # run (resumes)
+    python benchmarks/cifar10.py                                        # collect only
+    python benchmarks/cifar10.py --resume-proof --data-root ../shared/data
+
+``--resume-proof`` runs ``resnet20_tt_6.8x`` on a 2,560-image subset twice, once straight
+through and once SIGKILLed mid-epoch (ADMM phase) and restarted with the same command, and
+compares the final metrics and weights (``benchmarks/results/cifar10-resume-proof.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdcompress.config import Config, load_config
+from tdcompress.train.checkpoint import atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "cifar10"
+
+# key: (label, method, paper top-1 at the paper's ratio or None)
+RUNS: dict[str, tuple[str, str, float | None]] = {
+    "resnet20_dense": ("ResNet-20 dense", "dense", 91.25),
+    "resnet20_tt_6.8x": ("ResNet-20 ADMM -> TT 6.8x", "admm", 91.03),
+    "resnet20_tt_6.8x_dtf": ("ResNet-20 TT-SVD + fine-tune 6.8x", "dtf", None),
+    "resnet20_tt_6.8x_scratch": ("ResNet-20 TT from scratch 6.8x", "scratch", None),
+    "resnet20_tt_4.5x": ("ResNet-20 ADMM -> TT 4.5x", "admm", 91.47),
+    "resnet32_dense": ("ResNet-32 dense", "dense", 92.49),
+    "resnet32_tt_5.8x": ("ResNet-32 ADMM -> TT 5.8x", "admm", 91.96),
+    "resnet32_tt_4.8x": ("ResNet-32 ADMM -> TT 4.8x", "admm", 92.87),
+    "resnet32_tucker2_3x": ("ResNet-32 ADMM -> Tucker-2 3x", "admm", None),
+}
+PAPER_NOTE = (
+    "Paper figures: Yin et al. 2021, Table 2 (200 dense epochs before ADMM; the paper's "
+    "standard TT baseline: 86.7% at 5.4x for ResNet-20, 88.3% at 4.8x for ResNet-32)."
+)
+
+
+def run_config(key: str, sets: list[str] | None = None) -> Config:
+    return load_config(CONFIGS / f"{key}.yaml", list(sets or []))
+
+
+def out_dir(cfg: Config) -> Path:
+    p = Path(cfg.runtime.out_dir)
+    return p if p.is_absolute() else REPO / p
+
+
+# ------------------------------------------------------------------------------ running
+def run(keys: list[str], data_root: str, sets: list[str]) -> None:
+    """Run the configs in order (dense baselines first), resuming each."""
+    for key in sorted(keys, key=lambda k: (RUNS[k][1] != "dense", list(RUNS).index(k))):
+        cmd = "train" if RUNS[key][1] == "dense" else "pipeline"
+        argv = [cmd, str(CONFIGS / f"{key}.yaml"), "--data-root", data_root]
+        for s in sets:
+            argv += ["--set", s]
+        print(f"== {key}: tdcompress {' '.join(argv)}", flush=True)
+        rc = subprocess.call([sys.executable, "-m", "tdcompress", *argv], cwd=REPO)
+        if rc != 0:
+            raise SystemExit(f"{key} failed with exit code {rc}")
+
+
+# ------------------------------------------------------------------------------ collecting
+def _records(run: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl with resumed epochs counted once (the last record per phase/epoch)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            last[(r["phase"], r["epoch"])] = r
+    order = {"dense": 0, "admm": 1, "finetune": 2}
+    return sorted(last.values(), key=lambda r: (order.get(r["phase"], 9), r["epoch"]))
+
+
+def collect_run(key: str) -> dict[str, Any]:
+    label, method, paper = RUNS[key]
+    cfg = run_config(key)
+    run = out_dir(cfg)
+    state = (
+        json.loads((run / "state.json").read_text())["done"]
+        if (run / "state.json").exists()
+        else {}
+    )
+    recs = _records(run)
+    planned = (
+        {"dense": cfg.dense.epochs}
+        if method == "dense"
+        else {"admm": cfg.admm.epochs, "finetune": cfg.finetune.epochs}
+    )
+    done_epochs = {ph: sum(1 for r in recs if r["phase"] == ph) for ph in planned}
+    row: dict[str, Any] = {
+        "key": key,
+        "label": label,
+        "method": method,
+        "model": cfg.model.name,
+        "format": None if method == "dense" else cfg.compress.format,
+        "target_ratio": None if method == "dense" else cfg.compress.target_ratio,
+        "config": f"configs/cifar10/{key}.yaml",
+        "epochs": planned,
+        "epochs_done": done_epochs,
+        "paper_top1": paper,
+        "wall_seconds": sum(r.get("seconds", 0.0) for r in recs),
+        "curve": [
+            {
+                "phase": r["phase"],
+                "epoch": r["epoch"],
+                "test_acc": r["test_acc"],
+                "train_loss": r["train_loss"],
+                **({"primal": r["admm/primal"]} if "admm/primal" in r else {}),
+            }
+            for r in recs
+        ],
+    }
+    if method == "dense":
+        row["status"] = "done" if "train" in state else "running" if recs else "not started"
+        if "train" in state:
+            row.update(
+                top1=state["train"]["test_acc"],
+                params=state["train"]["params"],
+                ratio=1.0,
+                macs_reduction=1.0,
+            )
+        return row
+    ev = state.get("evaluate")
+    row["status"] = (
+        "done"
+        if ev and ev.get("finetuned_acc") is not None
+        else ("running" if recs or state else "not started")
+    )
+    if "admm" in state and "residuals" in state["admm"]:
+        row["admm_top1"] = state["admm"]["test_acc"]
+        row["admm_primal"] = state["admm"]["residuals"].get("primal")
+    if "decompose" in state:
+        row["decomposed_top1"] = state["decompose"]["test_acc"]
+    if "plan" in state:
+        row["planned_ratio"] = state["plan"]["ratio"]
+        row["macs_reduction"] = state["plan"]["macs_reduction"]
+    if row["status"] == "done":
+        row.update(
+            top1=ev["finetuned_acc"],
+            params=ev["compressed_params"],
+            ratio=ev["dense_params"] / ev["compressed_params"],
+            dense_params=ev["dense_params"],
+            macs_reduction=ev["macs_reduction"],
+        )
+    return row
+
+
+def collect() -> dict[str, Any]:
+    rows = [collect_run(k) for k in RUNS]
+    dense = {r["model"]: r for r in rows if r["method"] == "dense"}
+    for r in rows:
+        d = dense.get(r["model"])
+        if r["method"] != "dense" and d is not None and "top1" in d and "top1" in r:
+            r["delta_vs_dense"] = r["top1"] - d["top1"]
+    return {
+        "dataset": "cifar10",
+        "command": "python benchmarks/cifar10.py --run all --data-root ../shared/data",
+        "torch": torch.__version__,
+        "paper_note": PAPER_NOTE,
+        "runs": rows,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        "# CIFAR-10: ResNet-20 and ResNet-32 at the paper's ratios (short CPU budget)",
+        "",
+        "Each row is one config in `configs/cifar10/`; run them all (resumable, dense "
+        "baselines first) and rebuild this page with:",
+        "",
+        "```",
+        doc["command"],
+        "```",
+        "",
+        "| run | status | top-1 (%) | vs our dense | paper (%) | params | ratio | MACs red. "
+        "| epochs (ADMM + ft) | wall (min) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in doc["runs"]:
+        ep = r["epochs"]
+        done = r["epochs_done"]
+        if r["method"] == "dense":
+            epochs = f"{ep['dense']} dense"
+        else:
+            epochs = f"{ep['admm']} + {ep['finetune']}"
+        status = r["status"]
+        if status != "done":
+            status += " (" + ", ".join(f"{k} {done[k]}/{ep[k]}" for k in ep) + ")"
+        delta = "-" if "delta_vs_dense" not in r else f"{100 * r['delta_vs_dense']:+.2f}"
+        paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
+        params = f"{r['params']:,}" if "params" in r else "-"
+        ratio = (
+            f"{r['ratio']:.2f}x"
+            if "ratio" in r
+            else (f"({r['planned_ratio']:.2f}x planned)" if "planned_ratio" in r else "-")
+        )
+        macs = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else "-"
+        lines.append(
+            f"| {r['label']} | {status} | {_pct(r.get('top1'))} | {delta} | {paper} | {params} "
+            f"| {ratio} | {macs} | {epochs} | {r['wall_seconds'] / 60:.0f} |"
+        )
+    lines += [
+        "",
+        doc["paper_note"],
+        "",
+        "![test accuracy per epoch](cifar10-curves.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: plot skipped"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, model in zip(axes, ("resnet20", "resnet32")):
+        for r in doc["runs"]:
+            if r["model"] != model or not r["curve"]:
+                continue
+            ys = [100 * c["test_acc"] for c in r["curve"]]
+            ax.plot(
+                range(1, len(ys) + 1),
+                ys,
+                label=r["label"],
+                lw=1.4,
+                ls="--" if r["method"] == "dense" else "-",
+            )
+        ax.axvline(20.5, color="grey", lw=0.8, ls=":")
+        ax.set_title(f"{model}: test top-1 per epoch (ADMM runs: decompose after epoch 20)")
+        ax.set_xlabel("epoch of the run (ADMM then fine-tune; dense: dense training)")
+        ax.set_ylim(60, 95)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("top-1 (%)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return None
+
+
+def write(doc: dict[str, Any], results_dir: Path, docs_dir: Path) -> None:
+    atomic_write_text(results_dir / "quality-cifar10.json", json.dumps(doc, indent=2))
+    note = plot(doc, docs_dir / "cifar10-curves.png")
+    md = markdown(doc) + (f"\n{note}\n" if note else "")
+    atomic_write_text(docs_dir / "cifar10.md", md)
+
+
+# ------------------------------------------------------------------------------ resume proof
+def resume_proof(data_root: str, results_dir: Path, work: Path) -> dict[str, Any]:
+    """Kill a real CIFAR-10 run mid-epoch, restart it, compare with an uninterrupted run."""
+    import shutil
+
+    key = "resnet20_tt_6.8x"
+    small = [
+        "data.train_subset=2560",
+        "admm.epochs=3",
+        "admm.every_steps=5",
+        "finetune.epochs=1",
+        "runtime.progress=false",
+        "runtime.dense_checkpoint=null",
+        "dense.epochs=1",
+        "dense.optim.lr=0.05",
+    ]
+
+    def cmd(name: str) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "tdcompress",
+            "pipeline",
+            str(CONFIGS / f"{key}.yaml"),
+            "--data-root",
+            data_root,
+            "--set",
+            f"runtime.out_dir={work / name}",
+        ]
+        for s in small:
+            argv += ["--set", s]
+        return argv
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.time()
+    subprocess.run(cmd("straight"), check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    straight_s = time.time() - t0
+    p = subprocess.Popen(cmd("killed"), cwd=REPO, stdout=subprocess.DEVNULL)
+    ckpt = work / "killed" / "admm.ckpt.pt"
+    while not ckpt.exists() and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.4 * straight_s / 8)  # into the next ADMM epoch
+    killed_at = None
+    if p.poll() is None:
+        killed_at = torch.load(ckpt, weights_only=False)["epoch"]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    if killed_at is None:
+        raise SystemExit("the run finished before it could be killed; rerun")
+    state = json.loads((work / "killed" / "state.json").read_text())["done"]
+    subprocess.run(cmd("killed"), check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    a = json.loads((work / "straight" / "state.json").read_text())["done"]["evaluate"]
+    b = json.loads((work / "killed" / "state.json").read_text())["done"]["evaluate"]
+    wa = torch.load(work / "straight" / "finetuned.pt", weights_only=False)["model"]
+    wb = torch.load(work / "killed" / "finetuned.pt", weights_only=False)["model"]
+    res = {
+        "config": f"configs/cifar10/{key}.yaml",
+        "overrides": small,
+        "killed_during": "admm" if "admm" not in state else "later stage",
+        "killed_after_finished_admm_epochs": killed_at,
+        "straight": a,
+        "resumed": b,
+        "metrics_identical": a == b,
+        "weights_identical": all(torch.equal(wa[k], wb[k]) for k in wa),
+    }
+    atomic_write_text(results_dir / "cifar10-resume-proof.json", json.dumps(res, indent=2))
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", nargs="+", metavar="KEY", help=f"'all' or some of {list(RUNS)}")
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--resume-proof", action="store_true")
+    ap.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "results")
+    args = ap.parse_args(argv)
+    if args.run:
+        keys = list(RUNS) if args.run == ["all"] else args.run
+        bad = [k for k in keys if k not in RUNS]
+        if bad:
+            raise SystemExit(f"--run: unknown runs {bad}; known: {list(RUNS)} or 'all'")
+        run(keys, args.data_root, args.set)
+    if args.resume_proof:
+        res = resume_proof(args.data_root, args.results_dir, REPO / "runs" / "cifar10-resume-proof")
+        print(json.dumps({k: res[k] for k in ("metrics_identical", "weights_identical")}))
+    doc = collect()
+    write(doc, args.results_dir, args.docs_dir)
+    print(markdown(doc))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
