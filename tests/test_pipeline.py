@@ -190,3 +190,19 @@ def test_missing_dense_checkpoint_names_the_option(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=r"runtime\.dense_checkpoint .*nope\.pt"):
         Pipeline(cfg).run(("train",))
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
+    import fcntl
+
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "run"))
+    p = Pipeline(cfg)
+    with open(tmp_path / "run" / "run.lock", "a+") as f:  # another holder of the folder
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("4242")
+        f.flush()
+        with pytest.raises(RuntimeError, match=r"runtime\.out_dir .* in use .*pid 4242"):
+            p.run(("train",))
+    assert not (tmp_path / "run" / "dense.pt").exists()
+    p.run(("train",))  # free again
+    assert (tmp_path / "run" / "dense.pt").exists()

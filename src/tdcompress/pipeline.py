@@ -7,9 +7,12 @@ the same command after a crash or kill continues the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -406,13 +409,46 @@ class Pipeline:
         for s in stages:
             if s not in STAGES:
                 raise ValueError(f"unknown stage {s!r}; stages are {list(STAGES)}")
-        for s in stages:
-            if self.done(s) and not force and s not in ("evaluate", "report"):
-                if is_main():
-                    print(f"[{s}] already done, skipping", flush=True)
-                continue
-            getattr(self, f"stage_{s}")()
+        with self._exclusive():
+            for s in stages:
+                if self.done(s) and not force and s not in ("evaluate", "report"):
+                    if is_main():
+                        print(f"[{s}] already done, skipping", flush=True)
+                    continue
+                getattr(self, f"stage_{s}")()
         return self.state()["done"]
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run folder (rank 0), so that a second process
+        started on the same ``runtime.out_dir`` stops at once instead of interleaving its
+        checkpoints with the first one's."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            fcntl = None
+        if fcntl is None or not is_main():
+            yield
+            return
+        path = self.out / "run.lock"
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise RuntimeError(
+                    f"runtime.out_dir {str(self.out)!r} is in use by another process "
+                    f"(pid {holder}); wait for it to finish or choose another out_dir"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _params(model: nn.Module) -> int:
