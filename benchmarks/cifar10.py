@@ -43,6 +43,7 @@ CONFIGS = REPO / "configs" / "cifar10"
 # key: (label, method, paper top-1 at the paper's ratio or None)
 RUNS: dict[str, tuple[str, str, float | None]] = {
     "resnet20_dense": ("ResNet-20 dense", "dense", 91.25),
+    "resnet20_dense_fp32": ("ResNet-20 dense, fp32 (bf16 check)", "dense", 91.25),
     "resnet20_tt_6.8x": ("ResNet-20 ADMM -> TT 6.8x", "admm", 91.03),
     "resnet20_tt_6.8x_dtf": ("ResNet-20 TT-SVD + fine-tune 6.8x", "dtf", None),
     "resnet20_tt_6.8x_scratch": ("ResNet-20 TT from scratch 6.8x", "scratch", None),
@@ -172,10 +173,10 @@ def collect_run(key: str) -> dict[str, Any]:
 
 def collect() -> dict[str, Any]:
     rows = [collect_run(k) for k in RUNS]
-    dense = {r["model"]: r for r in rows if r["method"] == "dense"}
+    dense = {r["model"]: r for r in rows if r["key"] == f"{r['model']}_dense"}
     for r in rows:
         d = dense.get(r["model"])
-        if r["method"] != "dense" and d is not None and "top1" in d and "top1" in r:
+        if r is not d and d is not None and "top1" in d and "top1" in r:
             r["delta_vs_dense"] = r["top1"] - d["top1"]
     return {
         "dataset": "cifar10",
