@@ -1,0 +1,86 @@
+"""benchmarks/cifar10.py: collection of finished and unfinished runs into the table (fake run
+folders; the real runs take hours), and every config it lists loads and plans."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_cifar10", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_cifar10"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(run: Path, state: dict, records: list[dict]) -> None:
+    run.mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"done": state}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _rec(phase, epoch, acc, seconds=60.0):
+    return {"phase": phase, "epoch": epoch, "test_acc": acc, "train_loss": 1.0, "seconds": seconds}
+
+
+def test_collect_reports_done_and_running_runs(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
+    _write(
+        tmp_path / "resnet20_dense",
+        {"train": {"test_acc": 0.9, "params": 270_000}},
+        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
+    )
+    ev = {
+        "finetuned_acc": 0.895,
+        "compressed_params": 40_000,
+        "dense_params": 272_000,
+        "macs_reduction": 2.8,
+    }
+    # the ADMM run was killed in epoch 3 once: epoch 3 appears twice, the last record counts
+    recs = [_rec("admm", 1, 0.8), _rec("admm", 2, 0.8), _rec("admm", 3, 0.1), _rec("admm", 3, 0.85)]
+    recs += [_rec("admm", e, 0.85) for e in range(4, 21)]
+    recs += [_rec("finetune", e, 0.89) for e in range(1, 11)]
+    state = {"plan": {"ratio": 6.8, "macs_reduction": 2.8}, "evaluate": ev}
+    _write(tmp_path / "resnet20_tt_6.8x", state, recs)
+    _write(
+        tmp_path / "resnet20_tt_4.5x",
+        {"plan": {"ratio": 4.5, "macs_reduction": 1.9}},
+        [_rec("admm", 1, 0.8), _rec("admm", 2, 0.81)],
+    )
+    doc = bench.collect()
+    rows = {r["key"]: r for r in doc["runs"]}
+    done = rows["resnet20_tt_6.8x"]
+    assert done["status"] == "done"
+    assert done["ratio"] == pytest.approx(6.8)
+    assert done["delta_vs_dense"] == pytest.approx(-0.005)
+    assert len(done["curve"]) == 30 and done["curve"][2]["test_acc"] == 0.85
+    assert done["wall_seconds"] == pytest.approx(30 * 60.0)
+    assert done["epochs"] == {"admm": 20, "finetune": 10}
+    running = rows["resnet20_tt_4.5x"]
+    assert running["status"] == "running" and running["epochs_done"] == {"admm": 2, "finetune": 0}
+    assert rows["resnet32_dense"]["status"] == "not started"
+    md = bench.markdown(doc)
+    assert "| ResNet-20 ADMM -> TT 6.8x | done | 89.50 | -0.50 | 91.03 | 40,000 | 6.80x" in md
+    assert "running (admm 2/20, finetune 0/10)" in md
+
+
+def test_every_listed_config_loads_with_the_stated_budget(bench):
+    for key, (_, method, _) in bench.RUNS.items():
+        cfg = bench.run_config(key)
+        assert Path(cfg.runtime.out_dir).name == key
+        if method == "dense":
+            assert cfg.dense.epochs == 30
+        elif method == "scratch":
+            assert (cfg.compress.init, cfg.admm.epochs, cfg.finetune.epochs) == ("random", 0, 60)
+        else:
+            assert cfg.admm.epochs + cfg.finetune.epochs == 30
+            assert cfg.runtime.dense_checkpoint.endswith(f"{cfg.model.name}_dense/dense.pt")
