@@ -84,3 +84,29 @@ def test_every_listed_config_loads_with_the_stated_budget(bench):
         else:
             assert cfg.admm.epochs + cfg.finetune.epochs == 30
             assert cfg.runtime.dense_checkpoint.endswith(f"{cfg.model.name}_dense/dense.pt")
+
+
+def test_train_step_benchmark_runs_every_mode_on_the_same_weights(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "bench_train_step", BENCH.parent / "bench_train_step.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        doc = mod.main(["--repeats", "1", "--models", "lenet5", "--out", str(tmp_path / "t.json")])
+    finally:
+        torch.set_num_threads(n)
+    rows = doc["rows"]
+    assert [(r["variant"].split()[0], r["mode"]) for r in rows] == [
+        (v, m) for v in ("dense", "tt") for m in ("fp32", "fp32 NHWC", "bf16 NHWC")
+    ]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert [r["speedup_vs_fp32"] for r in rows][::3] == [1.0, 1.0]
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == rows
+    # the modes convert copies: the model they were built from keeps its memory format
+    models = mod.make_models("lenet5")
+    mod.step_fn(models["dense"], (1, 28, 28), False, True, 2)
+    assert models["dense"].conv1.weight.is_contiguous()

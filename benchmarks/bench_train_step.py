@@ -1,0 +1,126 @@
+"""Training-step throughput by precision and memory format, dense and compressed.
+
+For LeNet-5 (MNIST-sized input) and ResNet-20 (CIFAR-sized input), dense and compressed by
+the plan the experiments use (TT at 20x for LeNet-5, TT at 6.8x for ResNet-20): images/s of
+one SGD step (forward, cross-entropy, backward, momentum update) at batch 128 in fp32 NCHW,
+fp32 channels_last and bf16 autocast channels_last; median over repeats, all cases
+interleaved in one run so that machine load hits them alike.
+
+    python benchmarks/bench_train_step.py [--threads 1] [--repeats 15] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tdcompress as tdc
+from tdcompress.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = {
+    "lenet5": ((1, 28, 28), "tt", 20.0),
+    "resnet20": ((3, 32, 32), "tt", 6.8),
+}
+MODES = (("fp32", False, False), ("fp32 NHWC", False, True), ("bf16 NHWC", True, True))
+
+
+def make_models(name: str) -> dict[str, torch.nn.Module]:
+    shape, fmt, ratio = CASES[name]
+    torch.manual_seed(0)
+    dense = build_model(name, num_classes=10)
+    p = tdc.plan(dense, fmt, target_ratio=ratio, input_shape=(1, *shape))
+    compressed, _ = tdc.decompose(dense, p)
+    return {"dense": dense, f"{fmt} {p.ratio:.1f}x": compressed}
+
+
+def step_fn(model: torch.nn.Module, shape, bf16: bool, nhwc: bool, batch: int):
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    model = copy.deepcopy(model).to(memory_format=fmt)  # .to() converts in place
+    x = torch.randn(batch, *shape).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> float:
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_step.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps, times = {}, {}
+    for name in args.models:
+        for variant, model in make_models(name).items():
+            for mode, bf16, nhwc in MODES:
+                key = (name, variant, mode)
+                steps[key] = step_fn(model, CASES[name][0], bf16, nhwc, args.batch)
+                for _ in range(2):  # warm-up
+                    steps[key]()
+                times[key] = []
+    for _ in range(args.repeats):  # interleaved: load drifts hit every case alike
+        for key, step in steps.items():
+            times[key].append(step())
+    rows = []
+    for (name, variant, mode), ts in times.items():
+        med = statistics.median(ts)
+        base = statistics.median(times[(name, variant, "fp32")])
+        rows.append(
+            {
+                "model": name,
+                "variant": variant,
+                "mode": mode,
+                "ms_per_step": 1000 * med,
+                "images_per_s": args.batch / med,
+                "speedup_vs_fp32": base / med,
+            }
+        )
+    doc = {
+        "meta": {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "machine": platform.machine(),
+            "loadavg": list(os.getloadavg()),
+            "command": "python benchmarks/bench_train_step.py " + " ".join(argv or []),
+        },
+        "rows": rows,
+    }
+    print(f"{'model':9} {'variant':10} {'mode':10} {'ms/step':>8} {'img/s':>7} {'vs fp32':>7}")
+    for r in rows:
+        print(
+            f"{r['model']:9} {r['variant']:10} {r['mode']:10} {r['ms_per_step']:8.1f} "
+            f"{r['images_per_s']:7.0f} {r['speedup_vs_fp32']:6.2f}x"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, args.out)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
