@@ -294,7 +294,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
                 ls="--" if r["method"] == "dense" else "-",
             )
         ax.axvline(20.5, color="grey", lw=0.8, ls=":")
-        ax.set_title(f"{model}: test top-1 per epoch (ADMM runs: decompose after epoch 20)")
+        ax.set_title(f"{model}: test top-1 per epoch (ADMM: decompose after 20)", fontsize=10)
         ax.set_xlabel("epoch of the run (ADMM then fine-tune; dense: dense training)")
         ax.set_ylim(60, 95)
         ax.grid(alpha=0.3)
