@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -35,7 +34,9 @@ from typing import Any
 import torch
 
 from tdcompress.config import Config, load_config
+from tdcompress.report import pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
+from tdcompress.train.loop import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "cifar10"
@@ -83,20 +84,6 @@ def run(keys: list[str], data_root: str, sets: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------ collecting
-def _records(run: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl with resumed epochs counted once (the last record per phase/epoch)."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    last: dict[tuple[str, int], dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            last[(r["phase"], r["epoch"])] = r
-    order = {"dense": 0, "admm": 1, "finetune": 2}
-    return sorted(last.values(), key=lambda r: (order.get(r["phase"], 9), r["epoch"]))
-
-
 def collect_run(key: str) -> dict[str, Any]:
     label, method, paper = RUNS[key]
     cfg = run_config(key)
@@ -106,7 +93,7 @@ def collect_run(key: str) -> dict[str, Any]:
         if (run / "state.json").exists()
         else {}
     )
-    recs = _records(run)
+    recs = read_metrics(run / "metrics.jsonl", per_epoch=True)
     planned = (
         {"dense": cfg.dense.epochs}
         if method == "dense"
@@ -273,12 +260,8 @@ def _speed_lines(rows: list[dict[str, Any]] | None) -> list[str]:
 
 
 def plot(doc: dict[str, Any], path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: plot skipped"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, model in zip(axes, ("resnet20", "resnet32")):
@@ -302,11 +285,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
             ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("top-1 (%)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
     return None
 
 

@@ -44,6 +44,7 @@ from tdcompress.config import Config, load_config
 from tdcompress.data import make_loaders
 from tdcompress.data.loader import TensorLoader
 from tdcompress.pipeline import Pipeline
+from tdcompress.report import pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -478,12 +479,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], path: Path) -> str | None:
     """Accuracy vs compression ratio; returns a note if matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: plot skipped"
     rows = summarize(doc["runs"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -512,11 +509,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
     return None
 
 

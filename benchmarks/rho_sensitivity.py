@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -25,7 +24,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality as q  # noqa: E402
+from tdcompress.report import pyplot, save_figure  # noqa: E402
 from tdcompress.train.checkpoint import atomic_write_text  # noqa: E402
+from tdcompress.train.loop import read_metrics  # noqa: E402
 
 RHOS = (1e-4, 1e-3, 5e-3, 2e-2)
 
@@ -33,13 +34,8 @@ RHOS = (1e-4, 1e-3, 5e-3, 2e-2)
 def curves(run_dir: Path) -> dict[str, list[float]]:
     """Per-epoch ADMM-phase curves from ``metrics.jsonl`` (the last record of each epoch,
     so resumed epochs count once)."""
-    rows: dict[int, dict[str, Any]] = {}
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        if line.strip():
-            r = json.loads(line)
-            if r.get("phase") == "admm":
-                rows[int(r["epoch"])] = r
+    recs = read_metrics(run_dir / "metrics.jsonl", per_epoch=True)
+    rows = {int(r["epoch"]): r for r in recs if r.get("phase") == "admm"}
     eps = sorted(rows)
     return {
         "epoch": eps,
@@ -96,12 +92,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def plot(doc: dict[str, Any], path: Path) -> str | None:
     """Three panels: training loss, ||W - Z||/||W||, test accuracy per ADMM epoch."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return "matplotlib is not installed: plot skipped"
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for r in doc["runs"]:
@@ -121,11 +113,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
     axes[2].legend(fontsize=7)
     fig.suptitle(f"ADMM rho sensitivity, LeNet-5 MNIST, TT at {doc['ratio']:g}x")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
     return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,18 @@ def data_root() -> Path:
     if not (root / "mnist").is_dir():
         pytest.skip(f"real datasets not found under {root} (set TDCOMPRESS_DATA_ROOT)")
     return root
+
+
+def _load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (once per session; benchmarks import each other)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    return _load_benchmark

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_projection.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_projection", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_projection"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("bench_projection")
 
 
 def test_conv_layout_matches_manual_indexing(bench):
@@ -114,10 +105,15 @@ def test_smallest_case_runs_and_agrees(bench, one_thread):
 
 def test_merge_later_run_replaces_case(bench):
     def run(ms: float) -> dict:
-        rows = {"ours[gram]": {"median_ms": ms, "rel_error": 0.5, "ranks_ok": True},
-                "peer": {"median_ms": 3.0, "rel_error": 0.5, "ranks_ok": True}}
-        return {"environment": {"date_utc": str(ms)}, "libraries": {"ours[gram]": "", "peer": ""},
-                "cases": [{"case": "ucf11-r4", "rank": 4, "results": rows}]}
+        rows = {
+            "ours[gram]": {"median_ms": ms, "rel_error": 0.5, "ranks_ok": True},
+            "peer": {"median_ms": 3.0, "rel_error": 0.5, "ranks_ok": True},
+        }
+        return {
+            "environment": {"date_utc": str(ms)},
+            "libraries": {"ours[gram]": "", "peer": ""},
+            "cases": [{"case": "ucf11-r4", "rank": 4, "results": rows}],
+        }
 
     old = run(2.0)
     old["cases"].append({**run(1.0)["cases"][0], "case": "conv64-r8"})

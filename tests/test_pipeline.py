@@ -206,3 +206,19 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
     assert not (tmp_path / "run" / "dense.pt").exists()
     p.run(("train",))  # free again
     assert (tmp_path / "run" / "dense.pt").exists()
+
+
+def test_read_metrics_per_epoch_keeps_the_last_record_of_a_relogged_epoch(tmp_path):
+    from tdcompress.train.loop import read_metrics
+
+    recs = [
+        {"phase": "admm", "epoch": 1, "v": 1},
+        {"phase": "admm", "epoch": 2, "v": 2},
+        {"phase": "admm", "epoch": 2, "v": 3},  # logged again after a resume
+        {"phase": "finetune", "epoch": 1, "v": 4},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "\n")
+    assert read_metrics(path) == recs
+    assert [r["v"] for r in read_metrics(path, per_epoch=True)] == [1, 3, 4]
+    assert read_metrics(tmp_path / "absent.jsonl") == []

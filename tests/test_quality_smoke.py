@@ -3,27 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +36,8 @@ def _argv(tmp: Path, data_root: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def test_quality_quick(tmp: Path, data_root: Path) -> None:
-    q = _load("quality")
+def test_quality_quick(load_benchmark, tmp: Path, data_root: Path) -> None:
+    q = load_benchmark("quality")
     argv = ["--dataset", "mnist", "--ratios", "60", "--methods", "admm", "scratch", "admm-svd"]
     doc = q.main([*argv, *_argv(tmp, data_root)])
     saved = json.loads((tmp / "res" / "quality-mnist.json").read_text())
@@ -91,8 +79,10 @@ def test_quality_quick(tmp: Path, data_root: Path) -> None:
     assert os.stat(Path(admm["run_dir"]) / "state.json").st_mtime_ns == mtime
 
 
-def test_quality_budget_and_seeds() -> None:
-    q = _load("quality")
+def test_quality_budget_and_seeds(
+    load_benchmark,
+) -> None:
+    q = load_benchmark("quality")
     base = q.load_config(q.DEFAULT_CONFIG)
     d, a, f = base.dense.epochs, base.admm.epochs, base.finetune.epochs
     budgets = {}
@@ -117,8 +107,8 @@ def test_quality_budget_and_seeds() -> None:
         q.parser().parse_args(["--dataset", "mnist", "--ratios", "0.5"])
 
 
-def test_rho_sensitivity_quick(tmp: Path, data_root: Path) -> None:
-    rs = _load("rho_sensitivity")
+def test_rho_sensitivity_quick(load_benchmark, tmp: Path, data_root: Path) -> None:
+    rs = load_benchmark("rho_sensitivity")
     doc = rs.main(["--rhos", "1e-3", "2e-2", "--ratio", "60", *_argv(tmp, data_root)])
     saved = json.loads((tmp / "res" / "rho_sensitivity.json").read_text())
     assert [r["rho"] for r in saved["runs"]] == [1e-3, 2e-2]

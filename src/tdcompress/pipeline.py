@@ -39,7 +39,7 @@ from tdcompress.train.distributed import (
     world_size,
     wrap_ddp,
 )
-from tdcompress.train.loop import MetricsLog, evaluate, train_epoch
+from tdcompress.train.loop import MetricsLog, evaluate, read_metrics, train_epoch
 
 __all__ = ["Pipeline", "STAGES"]
 
@@ -396,7 +396,7 @@ class Pipeline:
         text = write_report(
             self.out,
             self.state()["done"].get("evaluate", {}),
-            self.log.read(),
+            read_metrics(self.log.path, per_epoch=True),
             self.load_plan(),
             self.cfg,
         )

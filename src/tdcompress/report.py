@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from tdcompress.planning import CompressionPlan
 from tdcompress.train.checkpoint import atomic_write_text
 
-__all__ = ["result_table", "write_report"]
+__all__ = ["pyplot", "result_table", "save_figure", "write_report"]
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None when matplotlib is
+    not installed (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save ``fig`` to ``path`` atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _pct(v: float | None) -> str:
@@ -63,12 +90,8 @@ def write_report(
 
 
 def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     paths = []
     if metrics:
@@ -88,9 +111,7 @@ def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> l
             a.legend()
             a.grid(alpha=0.3)
         fig.tight_layout()
-        paths.append(out / "curves.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "curves.png"))
         recs = [m for m in metrics if m.get("phase") == "admm"]
         keys = sorted({k for m in recs for k in m if k.startswith("admm/primal/")})
         if keys:
@@ -103,9 +124,7 @@ def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> l
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             fig.tight_layout()
-            paths.append(out / "admm_residuals.png")
-            fig.savefig(paths[-1], dpi=110)
-            plt.close(fig)
+            paths.append(save_figure(fig, out / "admm_residuals.png"))
     if len(plan):
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
         names = [lp.name for lp in plan]
@@ -116,7 +135,5 @@ def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> l
         for a in ax:
             a.tick_params(axis="x", rotation=70, labelsize=7)
         fig.tight_layout()
-        paths.append(out / "ranks.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(save_figure(fig, out / "ranks.png"))
     return paths

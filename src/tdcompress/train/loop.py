@@ -151,6 +151,19 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
-        if self.path is None or not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.path) if self.path is not None else []
+
+
+def read_metrics(path: str | Path, per_epoch: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none if it does not exist). ``per_epoch``: one
+    record per (phase, epoch), the last written (an epoch logged again after a resume counts
+    once), phases in the order they first appear, epochs ascending."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not per_epoch:
+        return recs
+    last = {(r.get("phase"), r.get("epoch")): r for r in recs}
+    phases = list(dict.fromkeys(p for p, _ in last))
+    return sorted(last.values(), key=lambda r: (phases.index(r.get("phase")), r.get("epoch")))
