@@ -222,3 +222,32 @@ def test_read_metrics_per_epoch_keeps_the_last_record_of_a_relogged_epoch(tmp_pa
     assert read_metrics(path) == recs
     assert [r["v"] for r in read_metrics(path, per_epoch=True)] == [1, 3, 4]
     assert read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_resuming_with_changed_settings_of_a_started_stage_is_refused(tmp_path):
+    fast = {"dense": {"epochs": 1}, "admm": {"epochs": 1}}
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast))
+    Pipeline(cfg).run(("train", "plan", "admm"))
+    # where the data lives, threads, and stages not yet started may change
+    same = load_config(
+        write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast),
+        [f"data.root={tmp_path}", "runtime.threads=2", "finetune.epochs=5"],
+    )
+    Pipeline(same)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["finetune"]["epochs"] == 5
+    for change, key in [
+        ("admm.optim.lr=0.5", r"admm\.optim\.lr: was 0\.01, now 0\.5"),
+        ("data.batch_size=8", r"data\.batch_size: was 32, now 8"),
+        ("compress.ranks=4", r"compress\.ranks: was 16, now 4"),
+        ("runtime.amp=bf16", r"runtime\.amp: was None, now 'bf16'"),
+    ]:
+        bad = load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast), [change])
+        with pytest.raises(ValueError, match=r"runtime\.out_dir .*run.*train, plan, admm.*" + key):
+            Pipeline(bad)
+    # a finished stage is skipped on rerun, so changing it would silently do nothing: refused
+    with pytest.raises(ValueError, match=r"dense\.epochs: was 1, now 9"):
+        Pipeline(
+            load_config(
+                write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast), ["dense.epochs=9"]
+            )
+        )

@@ -82,6 +82,37 @@ def lr_factor(oc: OptimConfig, epoch: int, epochs: int) -> float:
     raise ValueError(f"optim.schedule must be 'cosine', 'step' or 'constant', got {oc.schedule!r}")
 
 
+# Config keys each stage's result depends on (a dotted key covers its sub-keys); once the
+# stage has started in an out_dir, resuming with other values there is refused.
+_STAGE_CONFIG: dict[str, tuple[str, ...]] = {
+    "train": (
+        "seed",
+        "data",
+        "model",
+        "dense",
+        "runtime.amp",
+        "runtime.channels_last",
+        "runtime.dense_checkpoint",
+    ),
+    "plan": ("compress",),
+    "admm": ("admm",),
+    "finetune": ("finetune",),
+}
+_STAGE_PHASE = {"train": "dense"}  # stage -> name of its per-epoch checkpoint
+# Where the data lives and how the run is executed do not change its result.
+_FREE_KEYS = frozenset({"data.root", "data.download"})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class Pipeline:
     """Runs the stages of one :class:`~tdcompress.config.Config`; see the module docstring."""
 
@@ -92,6 +123,7 @@ class Pipeline:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.out = Path(cfg.runtime.out_dir)
+        self._check_config_unchanged()
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -100,6 +132,44 @@ class Pipeline:
         self._data: tuple[Any, Any, dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------- state
+    def _started(self) -> list[str]:
+        """Stages that finished or left a per-epoch checkpoint in ``out_dir``."""
+        done = self.state()["done"] if self._state_path.exists() else {}
+        return [
+            s
+            for s in _STAGE_CONFIG
+            if s in done or (self.out / f"{_STAGE_PHASE.get(s, s)}.ckpt.pt").exists()
+        ]
+
+    def _check_config_unchanged(self) -> None:
+        """Refuse to resume a run folder whose started stages used different settings.
+
+        A resumed stage would otherwise mix two configurations silently (e.g. an ADMM phase
+        half at one learning rate, half at another). Settings of stages that have not
+        started yet may change freely; so may the data root, device, threads and progress.
+        """
+        old_path = self.out / "config.json"
+        if not old_path.exists():
+            return
+        old = _flatten(json.loads(old_path.read_text()))
+        new = _flatten(self.cfg.to_dict())
+        guarded = [k for s in self._started() for k in _STAGE_CONFIG[s]]
+        changed = [
+            f"{k}: was {old[k]!r}, now {new.get(k)!r}"
+            for k in sorted(old)
+            if k not in _FREE_KEYS
+            and any(k == g or k.startswith(g + ".") for g in guarded)
+            and old[k] != new.get(k)
+        ]
+        if changed:
+            raise ValueError(
+                f"runtime.out_dir {str(self.out)!r} holds a run whose started stages "
+                f"({', '.join(self._started())}) used other settings: "
+                + "; ".join(changed)
+                + ". Restore those settings to resume, or choose a new runtime.out_dir "
+                "(or delete the folder) to start over."
+            )
+
     @property
     def _state_path(self) -> Path:
         return self.out / "state.json"
