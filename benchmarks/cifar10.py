@@ -1,8 +1,9 @@
 """CIFAR-10 ResNet-20/32 at the paper's compression ratios (issue 8): run, collect, report.
 
 Every run is one config in ``configs/cifar10/`` (a plain ``tdcompress`` pipeline, resumable
-per epoch). This script runs them in dependency order (dense baselines first), skipping
-finished stages, and collects whatever has finished into
+per epoch). This script runs them in dependency order (a compressed run after the dense
+run it starts from), ``--jobs`` at a time, skipping finished stages, and collects whatever
+has finished into
 
 - ``benchmarks/results/quality-cifar10.json`` (per run: top-1, parameters, whole-model
   ratio, MAC reduction, epochs per phase, wall time, the paper's figure, per-epoch curves),
@@ -11,7 +12,7 @@ finished stages, and collects whatever has finished into
 Runs not finished yet are listed with the epochs they have done, so the table can be
 committed as results arrive and the command rerun in a later working stretch.
 
-    python benchmarks/cifar10.py --run all --data-root ../shared/data   # run (resumes)
+    python benchmarks/cifar10.py --run all --jobs 2 --data-root ../shared/data  # run (resumes)
     python benchmarks/cifar10.py                                        # collect only
     python benchmarks/cifar10.py --resume-proof --data-root ../shared/data
 
@@ -71,17 +72,83 @@ def out_dir(cfg: Config) -> Path:
 
 
 # ------------------------------------------------------------------------------ running
-def run(keys: list[str], data_root: str, sets: list[str]) -> None:
-    """Run the configs in order (dense baselines first), resuming each."""
-    for key in sorted(keys, key=lambda k: (RUNS[k][1] != "dense", list(RUNS).index(k))):
-        cmd = "train" if RUNS[key][1] == "dense" else "pipeline"
-        argv = [cmd, str(CONFIGS / f"{key}.yaml"), "--data-root", data_root]
-        for s in sets:
-            argv += ["--set", s]
-        print(f"== {key}: tdcompress {' '.join(argv)}", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "tdcompress", *argv], cwd=REPO)
-        if rc != 0:
-            raise SystemExit(f"{key} failed with exit code {rc}")
+def dependencies(key: str) -> list[str]:
+    """The dense runs whose model ``key`` starts from (its ``runtime.dense_checkpoint``)."""
+    dc = run_config(key).runtime.dense_checkpoint
+    if not dc:
+        return []
+    folder = (REPO / dc).resolve().parent if not Path(dc).is_absolute() else Path(dc).parent
+    return [
+        k
+        for k, (_, method, _) in RUNS.items()
+        if method == "dense" and out_dir(run_config(k)).resolve() == folder
+    ]
+
+
+def _argv(key: str, data_root: str, sets: list[str]) -> list[str]:
+    cmd = "train" if RUNS[key][1] == "dense" else "pipeline"
+    argv = [cmd, str(CONFIGS / f"{key}.yaml"), "--data-root", data_root]
+    for s in sets:
+        argv += ["--set", s]
+    return argv
+
+
+def _launch(key: str, argv: list[str], log: Path | None) -> subprocess.Popen:
+    out = None
+    if log is not None:  # parallel runs: one log per run instead of interleaved progress bars
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "a")  # noqa: SIM115 - closed with the process below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tdcompress", *argv], cwd=REPO, stdout=out, stderr=out
+    )
+    proc.log_file = out  # type: ignore[attr-defined]
+    return proc
+
+
+def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None:
+    """Run the configs, resuming each, at most ``jobs`` at a time; a compressed run starts
+    only after the dense run it loads (``runtime.dense_checkpoint``) has finished. With
+    ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    order = sorted(keys, key=lambda k: (RUNS[k][1] != "dense", list(RUNS).index(k)))
+    deps = {k: [d for d in dependencies(k) if d in order] for k in order}
+    pending, running = list(order), {}
+    finished: set[str] = set()
+    failed: dict[str, str] = {}
+    while pending or running:
+        for k in [k for k in pending if any(d in failed for d in deps[k])]:
+            pending.remove(k)
+            failed[k] = f"skipped: {', '.join(d for d in deps[k] if d in failed)} failed"
+        ready = [k for k in pending if all(d in finished for d in deps[k])]
+        while ready and len(running) < jobs:
+            k = ready.pop(0)
+            pending.remove(k)
+            argv = _argv(k, data_root, sets)
+            log = REPO / "runs" / "cifar10" / f"{k}.log" if jobs > 1 else None
+            where = f" > {log}" if log else ""
+            print(f"== {k}: tdcompress {' '.join(argv)}{where}", flush=True)
+            running[k] = _launch(k, argv, log)
+        if not running:
+            break  # nothing runnable is left (all blocked by failures)
+        time.sleep(0.05 if jobs == 1 else 5.0)
+        for k, proc in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[k]
+            if getattr(proc, "log_file", None) is not None:
+                proc.log_file.close()
+            if rc == 0:
+                finished.add(k)
+                print(f"== {k}: finished", flush=True)
+            else:
+                failed[k] = f"exit code {rc}"
+                print(f"== {k}: FAILED with exit code {rc}", flush=True)
+    if failed:
+        raise SystemExit(
+            "runs that did not finish: " + "; ".join(f"{k} ({why})" for k, why in failed.items())
+        )
 
 
 # ------------------------------------------------------------------------------ collecting
@@ -168,7 +235,7 @@ def collect() -> dict[str, Any]:
             r["delta_vs_dense"] = r["top1"] - d["top1"]
     return {
         "dataset": "cifar10",
-        "command": "python benchmarks/cifar10.py --run all --data-root ../shared/data",
+        "command": "python benchmarks/cifar10.py --run all --jobs 2 --data-root ../shared/data",
         "torch": torch.__version__,
         "paper_note": PAPER_NOTE,
         "speed": _loader_rows(),
@@ -375,6 +442,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--run", nargs="+", metavar="KEY", help=f"'all' or some of {list(RUNS)}")
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs side by side (each config uses 1 thread; 2 suits a 2-core machine)",
+    )
     ap.add_argument("--resume-proof", action="store_true")
     ap.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--docs-dir", type=Path, default=REPO / "docs" / "results")
@@ -384,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bad = [k for k in keys if k not in RUNS]
         if bad:
             raise SystemExit(f"--run: unknown runs {bad}; known: {list(RUNS)} or 'all'")
-        run(keys, args.data_root, args.set)
+        run(keys, args.data_root, args.set, jobs=args.jobs)
     if args.resume_proof:
         res = resume_proof(args.data_root, args.results_dir, REPO / "runs" / "cifar10-resume-proof")
         print(json.dumps({k: res[k] for k in ("metrics_identical", "weights_identical")}))

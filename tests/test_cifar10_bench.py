@@ -99,3 +99,48 @@ def test_train_step_benchmark_runs_every_mode_on_the_same_weights(tmp_path, load
     mod.step_fn(models["dense"], (1, 28, 28), False, True, 2)
     # conv2 (20 input channels): with one channel, conv1's NCHW and NHWC layouts coincide
     assert models["dense"].conv2.weight.is_contiguous()
+
+
+class _FakeProc:
+    """Finishes after ``steps`` polls with ``rc``."""
+
+    def __init__(self, rc: int, steps: int, events: list, key: str) -> None:
+        self.rc, self.steps, self.events, self.key = rc, steps, events, key
+
+    def poll(self):
+        self.steps -= 1
+        if self.steps > 0:
+            return None
+        self.events.append(("end", self.key))
+        return self.rc
+
+
+def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench, monkeypatch):
+    assert bench.dependencies("resnet32_tt_5.8x") == ["resnet32_dense"]
+    assert bench.dependencies("resnet20_tt_6.8x_scratch") == ["resnet20_dense"]
+    assert bench.dependencies("resnet20_dense") == []
+    events: list = []
+    rcs = {"resnet32_dense": 1}  # the ResNet-32 baseline fails
+
+    def launch(key, argv, log):
+        events.append(("start", key))
+        assert argv[0] == ("train" if key.endswith(("dense", "dense_fp32")) else "pipeline")
+        assert (log is not None) and log.name == f"{key}.log"
+        return _FakeProc(rcs.get(key, 0), 3, events, key)
+
+    monkeypatch.setattr(bench, "_launch", launch)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    keys = ["resnet20_tt_6.8x", "resnet32_tt_5.8x", "resnet20_dense", "resnet32_dense"]
+    with pytest.raises(
+        SystemExit,
+        match=r"resnet32_dense \(exit code 1\).*resnet32_tt_5\.8x "
+        r"\(skipped: resnet32_dense failed\)",
+    ):
+        bench.run(keys, "data", [], jobs=2)
+    started = [k for e, k in events if e == "start"]
+    assert started == ["resnet20_dense", "resnet32_dense", "resnet20_tt_6.8x"]
+    # the two dense runs ran side by side; the compressed run started after its dense run
+    assert events.index(("start", "resnet32_dense")) < events.index(("end", "resnet20_dense"))
+    assert events.index(("end", "resnet20_dense")) < events.index(("start", "resnet20_tt_6.8x"))
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        bench.run(keys, "data", [], jobs=0)
