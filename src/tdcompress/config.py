@@ -60,6 +60,10 @@ class OptimConfig:
 class PhaseConfig:
     epochs: int = 10
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # knowledge distillation from the run's dense model (ADMM and fine-tune phases only):
+    # loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher_T || student_T)
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
 
 
 @dataclass
@@ -198,3 +202,16 @@ def _check_choices(cfg: Config) -> None:
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             raise ValueError(f"{section}.{key} must be one of {list(allowed)}, got {v!r}")
+    for name in ("dense", "admm", "finetune"):
+        ph = getattr(cfg, name)
+        if not 0.0 <= ph.distill_weight <= 1.0:
+            raise ValueError(f"{name}.distill_weight must be in [0, 1], got {ph.distill_weight!r}")
+        if not ph.distill_temperature > 0:
+            raise ValueError(
+                f"{name}.distill_temperature must be > 0, got {ph.distill_temperature!r}"
+            )
+    if cfg.dense.distill_weight:
+        raise ValueError(
+            f"dense.distill_weight must be 0 (the teacher is the dense model itself), "
+            f"got {cfg.dense.distill_weight!r}; set admm.distill_weight or finetune.distill_weight"
+        )

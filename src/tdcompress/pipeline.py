@@ -232,6 +232,13 @@ class Pipeline:
         model, _ = decompose(self.dense_model(), self.load_plan())
         return self._prepare(model)
 
+    def _teacher(self) -> nn.Module:
+        """The run's dense model (``dense.pt``), frozen, for knowledge distillation."""
+        with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG
+            teacher = self.dense_model()
+        teacher.load_state_dict(load_checkpoint(self.out / "dense.pt", self.device)["model"])
+        return teacher.eval().requires_grad_(False)
+
     # ---------------------------------------------------------------- phases
     def _train_phase(
         self, name: str, model: nn.Module, phase: PhaseConfig, admm_cfg: Any = None
@@ -251,6 +258,7 @@ class Pipeline:
                 mode=admm_cfg.mode,
                 schedule=ADMMSchedule(admm_cfg.every_steps, admm_cfg.rho_growth, admm_cfg.rho_max),
             )
+        teacher = self._teacher() if phase.distill_weight > 0 else None
         ckpt = self.out / f"{name}.ckpt.pt"
         start = 0
         if ckpt.exists():
@@ -282,6 +290,9 @@ class Pipeline:
                 scaler=scaler,
                 desc=f"{name} {epoch + 1}/{phase.epochs}",
                 progress=self.cfg.runtime.progress,
+                teacher=teacher,
+                distill_weight=phase.distill_weight,
+                distill_temperature=phase.distill_temperature,
             )
             if not math.isfinite(tr["loss"]):
                 kept = f"{ckpt} (after epoch {epoch})" if ckpt.exists() else "none"

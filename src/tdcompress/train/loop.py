@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tdcompress.train.distributed import all_reduce_sum, is_main
 
-__all__ = ["train_epoch", "evaluate", "autocast_context", "MetricsLog"]
+__all__ = ["train_epoch", "evaluate", "autocast_context", "distillation_loss", "MetricsLog"]
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,6 +30,20 @@ def autocast_context(device: torch.device, amp: str | None):
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on CPU")
     return torch.autocast(device_type=device.type, dtype=_AMP[amp])
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch
+    mean, in at least float32 (the ``T^2`` keeps its gradient on the cross-entropy's scale)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    t = temperature
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
 
 
 def _progress(it: Iterable, desc: str, enabled: bool, total: int | None):
@@ -55,11 +69,20 @@ def train_epoch(
     desc: str = "train",
     progress: bool = True,
     max_steps: int | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 4.0,
 ) -> dict[str, float]:
     """One pass over ``loader`` with cross-entropy (+ the ADMM penalty when ``admm`` is
-    given; its Z/U updates run through ``admm.step()`` per its schedule). Loss and
-    accuracy are accumulated on the device and synchronised every 20 steps for display.
-    Returns mean loss, accuracy and the sample count over all ranks."""
+    given; its Z/U updates run through ``admm.step()`` per its schedule). With a
+    ``teacher`` and ``distill_weight`` w > 0 the data term is
+    ``(1 - w) * CE + w * distillation_loss(student, teacher, distill_temperature)``.
+    Loss (the cross-entropy) and accuracy are accumulated on the device and synchronised
+    every 20 steps for display. Returns mean loss, accuracy and the sample count over all
+    ranks."""
+    distill = teacher is not None and distill_weight > 0
+    if distill:
+        teacher.eval()
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
@@ -73,7 +96,15 @@ def train_epoch(
         with autocast_context(device, amp):
             out = model(x)
             loss = F.cross_entropy(out.float(), y)
-        full = loss + admm.penalty() if admm is not None and admm.mode == "penalty" else loss
+            if distill:
+                with torch.no_grad():
+                    soft = teacher(x)
+                data = (1 - distill_weight) * loss + distill_weight * distillation_loss(
+                    out, soft, distill_temperature
+                )
+            else:
+                data = loss
+        full = data + admm.penalty() if admm is not None and admm.mode == "penalty" else data
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(full).backward()
