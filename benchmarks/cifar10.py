@@ -106,12 +106,13 @@ def _launch(key: str, argv: list[str], log: Path | None) -> subprocess.Popen:
 
 
 def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None:
-    """Run the configs, resuming each, at most ``jobs`` at a time; a compressed run starts
-    only after the dense run it loads (``runtime.dense_checkpoint``) has finished. With
-    ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
+    """Run the configs in the given order (dense baselines first), resuming each, at most
+    ``jobs`` at a time; a compressed run starts only after the dense run it loads
+    (``runtime.dense_checkpoint``) has finished. With ``jobs > 1`` each run's output goes
+    to ``runs/cifar10/<key>.log``."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    order = sorted(keys, key=lambda k: (RUNS[k][1] != "dense", list(RUNS).index(k)))
+    order = sorted(keys, key=lambda k: (RUNS[k][1] != "dense", keys.index(k)))  # dense first
     deps = {k: [d for d in dependencies(k) if d in order] for k in order}
     pending, running = list(order), {}
     finished: set[str] = set()
