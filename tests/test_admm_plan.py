@@ -178,6 +178,31 @@ def test_decompose_at_full_rank_matches_dense(fmt):
     torch.testing.assert_close(new[0].weight, model[0].weight)
 
 
+@pytest.mark.parametrize("fmt", ["tt", "tr", "tucker2", "svd"])
+def test_random_init_builds_the_same_architecture_without_decomposing(fmt, monkeypatch):
+    model = small_cnn()
+    p = plan(model, fmt, ranks=3, include=["2", "4"])
+    ref, _ = decompose(model, p)
+    for lp in p:  # nothing may be decomposed
+        monkeypatch.setattr(lp.format, "decompose", lambda *a: pytest.fail("decomposed"))
+    torch.manual_seed(0)
+    new, report = decompose(model, p, init="random")
+    assert report.errors == {} and report.params_after == p.compressed_params
+    sd_new, sd_ref = new.state_dict(), ref.state_dict()
+    assert {k: v.shape for k, v in sd_new.items()} == {k: v.shape for k, v in sd_ref.items()}
+    for lp in p:  # fresh factors, the dense layers' other parameters copied
+        layer = new.get_submodule(lp.name)
+        assert type(layer) is type(ref.get_submodule(lp.name))
+        assert not torch.allclose(layer.to_dense(), ref.get_submodule(lp.name).to_dense())
+        # initialised at the scale of the dense layer's default init, not zero or huge
+        std = layer.to_dense().detach().std()
+        dense_std = model.get_submodule(lp.name).weight.detach().std()
+        assert 0.2 < float(std / dense_std) < 5, (lp.name, float(std), float(dense_std))
+    torch.testing.assert_close(new[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match="init must be 'decompose' or 'random', got 'zeros'"):
+        decompose(model, p, init="zeros")
+
+
 def test_plan_default_selection_summary_and_round_trip(tmp_path):
     model = small_cnn()
     p = plan(model, "tt", ranks=4, input_shape=(1, 3, 16, 16))

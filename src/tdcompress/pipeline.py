@@ -395,13 +395,16 @@ class Pipeline:
         self._mark_done("admm", {"test_acc": ev["acc"], "residuals": resid})
 
     def stage_decompose(self) -> None:
-        model = self.dense_model()
-        src = "admm.pt" if (self.out / "admm.pt").exists() else "dense.pt"
-        model.load_state_dict(load_checkpoint(self.out / src, self.device)["model"])
-        new, report = decompose(model, self.load_plan())
-        new = self._prepare(new)
-        if self.cfg.compress.init == "random":
+        model = self.dense_model()  # seeded random weights
+        if self.cfg.compress.init == "random":  # the factorized architecture from scratch
+            new, report = decompose(model, self.load_plan(), init="random")
+            new = self._prepare(new)
             src = self._reinitialize(new)
+        else:
+            src = "admm.pt" if (self.out / "admm.pt").exists() else "dense.pt"
+            model.load_state_dict(load_checkpoint(self.out / src, self.device)["model"])
+            new, report = decompose(model, self.load_plan())
+            new = self._prepare(new)
         ev = evaluate(new, self.data()[1], device=self.device)
         if is_main():
             save_checkpoint(self.out / "decomposed.pt", {"model": new.state_dict()})
@@ -417,19 +420,10 @@ class Pipeline:
         )
 
     def _reinitialize(self, model: nn.Module) -> str:
-        """``compress.init: random``: every weight at random initialisation (the factorized
-        layers via ``reset_parameters()``, the rest from the seeded dense model)."""
+        """``compress.init: random``: the factorized layers re-drawn from the run's seed (the
+        rest of ``model`` already holds the seeded dense initialisation)."""
         from tdcompress.layers._base import FactorizedLayer
 
-        fresh = self.dense_model()  # seeded random dense weights
-        fresh_state = fresh.state_dict()
-        own = model.state_dict()
-        model.load_state_dict(
-            {
-                k: fresh_state[k] if k in fresh_state and fresh_state[k].shape == v.shape else v
-                for k, v in own.items()
-            }
-        )
         torch.manual_seed(self.cfg.seed)
         n = 0
         for m in model.modules():

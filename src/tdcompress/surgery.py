@@ -38,10 +38,13 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, name
 
 
-def _factorized(lp: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _factorized(
+    lp: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, init: str
+) -> nn.Module:
     fmt = lp.format
-    factors = fmt.decompose(weight, lp.spec)
-    return fmt.build(lp.geometry, factors, lp.spec, bias)
+    if init == "random":
+        return fmt.build_initialized(lp.geometry, lp.spec, device=weight.device, dtype=weight.dtype)
+    return fmt.build(lp.geometry, fmt.decompose(weight, lp.spec), lp.spec, bias)
 
 
 @torch.no_grad()
@@ -50,14 +53,20 @@ def decompose(
     plan: CompressionPlan,
     *,
     weights: dict[str, torch.Tensor] | None = None,
+    init: str = "decompose",
 ) -> tuple[nn.Module, DecompositionReport]:
     """A copy of ``model`` whose planned layers are factorized layers built from the
     current dense weights, every other parameter and buffer copied; plus a report of the
     per-layer relative decomposition errors.
 
     ``weights`` optionally maps planned parameter names to the tensors to decompose
-    instead (e.g. ``admm.Z`` to build from Z). The input model is not modified.
+    instead (e.g. ``admm.Z`` to build from Z). ``init="random"`` builds the factorized
+    layers at their random initialisation instead, decomposing nothing (the same
+    architecture trained from scratch; no errors are reported). The input model is not
+    modified.
     """
+    if init not in ("decompose", "random"):
+        raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     plan.check_model(model)
     new = copy.deepcopy(model)
@@ -71,11 +80,12 @@ def decompose(
             continue
         dense = new.get_submodule(lp.name)
         bias = dense.bias.detach() if getattr(dense, "bias", None) is not None else None
-        layer = _factorized(lp, w, bias)
+        layer = _factorized(lp, w, bias, init)
         layer.train(dense.training)
         parent, attr = _parent(new, lp.name)
         setattr(parent, attr, layer)
-        report.errors[lp.name] = _rel_err(w, layer.to_dense())
+        if init == "decompose":
+            report.errors[lp.name] = _rel_err(w, layer.to_dense())
     for lstm_name, lps in lstm_groups.items():
         from tdcompress.layers.lstm import FactorizedLSTM
 
@@ -84,8 +94,9 @@ def decompose(
         for lp in lps:
             k = int(lp.param.rsplit("_l", 1)[1])
             w = (weights or {}).get(lp.param, getattr(lstm, f"weight_ih_l{k}")).detach()
-            inputs[k] = _factorized(lp, w, None)
-            report.errors[lp.name] = _rel_err(w, inputs[k].to_dense())
+            inputs[k] = _factorized(lp, w, None, init)
+            if init == "decompose":
+                report.errors[lp.name] = _rel_err(w, inputs[k].to_dense())
         flstm = FactorizedLSTM.from_lstm(lstm, inputs)
         parent, attr = _parent(new, lstm_name)
         setattr(parent, attr, flstm)

@@ -217,6 +217,9 @@ class Format(ABC):
         """The factors of ``weight`` at the spec's rank."""
 
     @abstractmethod
+    def layer_class(self, geometry: LayerGeometry) -> type:
+        """The factorized module class for this geometry (linear or conv)."""
+
     def build(
         self,
         geometry: LayerGeometry,
@@ -226,6 +229,13 @@ class Format(ABC):
     ) -> nn.Module:
         """The factorized module holding ``factors`` (and ``bias``); its ``to_dense()``
         equals ``project(weight, spec)`` when ``factors = decompose(weight, spec)``."""
+        return self.layer_class(geometry).from_factors(geometry, factors, spec, bias)
+
+    def build_initialized(
+        self, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
+    ) -> nn.Module:
+        """The factorized module at its random initialisation (no decomposition)."""
+        return self.layer_class(geometry)._from_spec(geometry, spec, device=device, dtype=dtype)
 
     @abstractmethod
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from tdcompress.formats.base import (
     FactorSpec,
@@ -173,17 +172,10 @@ class LowRankFormat(Format):
         A, B = lowrank_svd(self._matrix(weight), spec.ranks[0], balanced=balanced)
         return [A, B.reshape(B.shape[0], *weight.shape[1:])]
 
-    def build(
-        self,
-        geometry: LayerGeometry,
-        factors: list[torch.Tensor],
-        spec: FactorSpec,
-        bias: torch.Tensor | None = None,
-    ) -> nn.Module:
+    def layer_class(self, geometry: LayerGeometry) -> type:
         from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
 
-        cls = LowRankLinear if geometry.kind == "linear" else LowRankConv2d
-        return cls.from_factors(geometry, factors, spec, bias)
+        return LowRankLinear if geometry.kind == "linear" else LowRankConv2d
 
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
         g, r = geometry, spec.ranks[0]

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from tdcompress.formats import layouts
 from tdcompress.formats.base import (
@@ -249,16 +248,9 @@ class RingFormatBase(Format):
             tuple(weight.shape[2:]) or (1, 1),
         )
 
-    def build(
-        self,
-        geometry: LayerGeometry,
-        factors: list[torch.Tensor],
-        spec: FactorSpec,
-        bias: torch.Tensor | None = None,
-    ) -> nn.Module:
+    def layer_class(self, geometry: LayerGeometry) -> type:
         lin, conv = self._layer_classes()
-        cls = lin if geometry.kind == "linear" else conv
-        return cls.from_factors(geometry, factors, spec, bias)
+        return lin if geometry.kind == "linear" else conv
 
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
         from tdcompress.layers._base import structure_of

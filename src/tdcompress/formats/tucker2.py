@@ -19,7 +19,6 @@ kernel: ``kh x kw`` conv ``r_in -> O``) and ``"dense"`` (reconstruct, one conv).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, register_format
 from tdcompress.formats.lowrank import (
@@ -129,17 +128,11 @@ class Tucker2Format(Format):
         )
         return [u_out, core, u_in]
 
-    def build(
-        self,
-        geometry: LayerGeometry,
-        factors: list[torch.Tensor],
-        spec: FactorSpec,
-        bias: torch.Tensor | None = None,
-    ) -> nn.Module:
+    def layer_class(self, geometry: LayerGeometry) -> type:
         from tdcompress.layers.tucker2 import Tucker2Conv2d
 
         self.check_kind(geometry, "Tucker2Format.build")
-        return Tucker2Conv2d.from_factors(geometry, factors, spec, bias)
+        return Tucker2Conv2d
 
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
         g = geometry
