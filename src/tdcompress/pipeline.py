@@ -153,7 +153,8 @@ class Pipeline:
             return
         old = _flatten(json.loads(old_path.read_text()))
         new = _flatten(self.cfg.to_dict())
-        guarded = [k for s in self._started() for k in _STAGE_CONFIG[s]]
+        started = self._started()
+        guarded = [k for s in started for k in _STAGE_CONFIG[s]]
         changed = [
             f"{k}: was {old[k]!r}, now {new.get(k)!r}"
             for k in sorted(old)
@@ -164,7 +165,7 @@ class Pipeline:
         if changed:
             raise ValueError(
                 f"runtime.out_dir {str(self.out)!r} holds a run whose started stages "
-                f"({', '.join(self._started())}) used other settings: "
+                f"({', '.join(started)}) used other settings: "
                 + "; ".join(changed)
                 + ". Restore those settings to resume, or choose a new runtime.out_dir "
                 "(or delete the folder) to start over."
@@ -232,11 +233,16 @@ class Pipeline:
         model, _ = decompose(self.dense_model(), self.load_plan())
         return self._prepare(model)
 
+    def _dense_from(self, checkpoint: str) -> nn.Module:
+        """The dense architecture holding the weights of ``out_dir/checkpoint``."""
+        model = self.dense_model()
+        model.load_state_dict(load_checkpoint(self.out / checkpoint, self.device)["model"])
+        return model
+
     def _teacher(self) -> nn.Module:
         """The run's dense model (``dense.pt``), frozen, for knowledge distillation."""
         with torch.random.fork_rng(devices=[]):  # building it must not move the run's RNG
-            teacher = self.dense_model()
-        teacher.load_state_dict(load_checkpoint(self.out / "dense.pt", self.device)["model"])
+            teacher = self._dense_from("dense.pt")
         return teacher.eval().requires_grad_(False)
 
     # ---------------------------------------------------------------- phases
@@ -381,8 +387,7 @@ class Pipeline:
         if self.cfg.admm.epochs == 0:  # plain decomposition (or from scratch): no ADMM phase
             self._mark_done("admm", {"skipped": "admm.epochs is 0"})
             return
-        model = self.dense_model()
-        model.load_state_dict(load_checkpoint(self.out / "dense.pt", self.device)["model"])
+        model = self._dense_from("dense.pt")
         res = self._train_phase("admm", model, self.cfg.admm, admm_cfg=self.cfg.admm)
         admm = res["admm"]
         admm.update()
@@ -395,15 +400,13 @@ class Pipeline:
         self._mark_done("admm", {"test_acc": ev["acc"], "residuals": resid})
 
     def stage_decompose(self) -> None:
-        model = self.dense_model()  # seeded random weights
         if self.cfg.compress.init == "random":  # the factorized architecture from scratch
-            new, report = decompose(model, self.load_plan(), init="random")
+            new, report = decompose(self.dense_model(), self.load_plan(), init="random")
             new = self._prepare(new)
             src = self._reinitialize(new)
         else:
             src = "admm.pt" if (self.out / "admm.pt").exists() else "dense.pt"
-            model.load_state_dict(load_checkpoint(self.out / src, self.device)["model"])
-            new, report = decompose(model, self.load_plan())
+            new, report = decompose(self._dense_from(src), self.load_plan())
             new = self._prepare(new)
         ev = evaluate(new, self.data()[1], device=self.device)
         if is_main():
