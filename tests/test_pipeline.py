@@ -251,3 +251,25 @@ def test_resuming_with_changed_settings_of_a_started_stage_is_refused(tmp_path):
                 write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast), ["dense.epochs=9"]
             )
         )
+
+
+def test_a_setting_missing_from_an_older_run_folder_counts_as_its_default(tmp_path):
+    fast = {"dense": {"epochs": 1}, "admm": {"epochs": 1}}
+    cfg = load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast))
+    Pipeline(cfg).run(("train", "plan", "admm"))
+    # a folder written before admm.distill_weight existed (and with model.kwargs set, a
+    # section whose default is empty)
+    path = tmp_path / "run" / "config.json"
+    old = json.loads(path.read_text())
+    del old["admm"]["distill_weight"]
+    assert old["model"]["kwargs"]
+    path.write_text(json.dumps(old))
+    Pipeline(cfg)  # same settings: resumes
+    path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"admm\.distill_weight: was 0\.0, now 0\.5"):
+        Pipeline(
+            load_config(
+                write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast),
+                ["admm.distill_weight=0.5"],
+            )
+        )

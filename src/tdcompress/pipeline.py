@@ -113,6 +113,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s values put in, section by section."""
+    out = dict(base)
+    for k, v in over.items():
+        both = isinstance(v, dict) and isinstance(base.get(k), dict)
+        out[k] = _merged(base[k], v) if both else v
+    return out
+
+
 class Pipeline:
     """Runs the stages of one :class:`~tdcompress.config.Config`; see the module docstring."""
 
@@ -151,16 +160,18 @@ class Pipeline:
         old_path = self.out / "config.json"
         if not old_path.exists():
             return
-        old = _flatten(json.loads(old_path.read_text()))
+        # A key missing from an older config.json did not exist when that run was written,
+        # which ran as its default does now (settings are added with a neutral default).
+        old = _flatten(_merged(type(self.cfg)().to_dict(), json.loads(old_path.read_text())))
         new = _flatten(self.cfg.to_dict())
         started = self._started()
         guarded = [k for s in started for k in _STAGE_CONFIG[s]]
         changed = [
-            f"{k}: was {old[k]!r}, now {new.get(k)!r}"
-            for k in sorted(old)
+            f"{k}: was {old.get(k)!r}, now {new.get(k)!r}"
+            for k in sorted(old.keys() | new.keys())
             if k not in _FREE_KEYS
             and any(k == g or k.startswith(g + ".") for g in guarded)
-            and old[k] != new.get(k)
+            and old.get(k) != new.get(k)
         ]
         if changed:
             raise ValueError(
