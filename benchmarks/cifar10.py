@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from tdcompress.config import Config, load_config
-from tdcompress.report import pyplot, save_figure
+from tdcompress.report import command_block, pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
 from tdcompress.train.loop import read_metrics
 
@@ -257,13 +257,11 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# CIFAR-10: ResNet-20 and ResNet-32 at the paper's ratios (short CPU budget)",
         "",
-        "Each row is one config in `configs/cifar10/`; run them all (resumable, dense "
-        "baselines first) and rebuild this page with:",
-        "",
-        "```",
-        doc["command"],
-        "```",
-        "",
+        *command_block(
+            doc["command"],
+            "Each row is one config in `configs/cifar10/`; run them all (resumable, dense "
+            "baselines first) and rebuild this page with:",
+        ),
         "| run | status | top-1 (%) | vs our dense | paper (%) | params | ratio | MACs red. "
         "| epochs (ADMM + ft) | wall (min) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",

@@ -44,7 +44,7 @@ from tdcompress.config import Config, load_config
 from tdcompress.data import make_loaders
 from tdcompress.data.loader import TensorLoader
 from tdcompress.pipeline import Pipeline
-from tdcompress.report import pyplot, save_figure
+from tdcompress.report import command_block, pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -419,12 +419,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# Quality benchmark: LeNet-5 on {doc['dataset']}",
         "",
-        "Command (from the repository root):",
-        "",
-        "```",
-        doc["command"],
-        "```",
-        "",
+        *command_block(doc["command"]),
         f"Total wall time of the runs: {doc['total_wall_seconds'] / 60:.1f} min "
         f"(sum over runs, including resumed parts). Quick mode: {doc['quick']}.",
         "",

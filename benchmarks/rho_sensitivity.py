@@ -24,7 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality as q  # noqa: E402
-from tdcompress.report import pyplot, save_figure  # noqa: E402
+from tdcompress.report import command_block, pyplot, save_figure  # noqa: E402
 from tdcompress.train.checkpoint import atomic_write_text  # noqa: E402
 from tdcompress.train.loop import read_metrics  # noqa: E402
 
@@ -121,12 +121,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# rho sensitivity: ADMM -> TT, LeNet-5 MNIST at {doc['ratio']:g}x",
         "",
-        "Command (from the repository root):",
-        "",
-        "```",
-        doc["command"],
-        "```",
-        "",
+        *command_block(doc["command"]),
         f"Total wall time: {doc['total_wall_seconds'] / 60:.1f} min (dense baseline "
         f"included). Dense top-1: {100 * doc['dense_top1']:.2f}%. Quick mode: {doc['quick']}. "
         f"Shared settings: `{' '.join(doc['shared_sets'])}`.",

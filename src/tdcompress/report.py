@@ -38,6 +38,12 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     return path
 
 
+def command_block(command: str, intro: str = "Command (from the repository root):") -> list[str]:
+    """Markdown lines that show how a result page was produced: ``intro``, then ``command``
+    as a code block, then a blank line."""
+    return [intro, "", "```", command, "```", ""]
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
