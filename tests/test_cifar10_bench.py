@@ -68,14 +68,18 @@ def test_collect_reports_done_and_running_runs(bench, tmp_path, monkeypatch):
 def test_every_listed_config_loads_with_the_stated_budget(bench):
     for key, (_, method, _) in bench.RUNS.items():
         cfg = bench.run_config(key)
+        n = bench.budget(key)
         assert Path(cfg.runtime.out_dir).name == key
         if method == "dense":
-            assert cfg.dense.epochs == 30
-        elif method == "scratch":
-            assert (cfg.compress.init, cfg.admm.epochs, cfg.finetune.epochs) == ("random", 0, 60)
+            assert cfg.dense.epochs == n
+            continue
+        dense = bench.dense_run(key)
+        assert bench.run_config(dense).dense.epochs == n  # compared with the same budget
+        assert cfg.model.name == bench.run_config(dense).model.name
+        if method == "scratch":
+            assert (cfg.compress.init, cfg.admm.epochs, cfg.finetune.epochs) == ("random", 0, 2 * n)
         else:
-            assert cfg.admm.epochs + cfg.finetune.epochs == 30
-            assert cfg.runtime.dense_checkpoint.endswith(f"{cfg.model.name}_dense/dense.pt")
+            assert cfg.admm.epochs + cfg.finetune.epochs == n
 
 
 def test_train_step_benchmark_runs_every_mode_on_the_same_weights(tmp_path, load_benchmark):
