@@ -254,8 +254,41 @@ def test_macs_target():
     assert p.model_macs == 40_551_040  # conv and linear MACs of ResNet-20 on 32x32
 
 
+@pytest.mark.parametrize("target", [{"target_ratio": 6.8}, {"target_macs_reduction": 3.0}])
+def test_equal_ratio_allocation_shrinks_every_layer_alike(target):
+    from tdcompress.models import build_model
+
+    model = build_model("resnet20")
+    key, value = next(iter(target.items()))
+
+    def per_layer(p):  # dense / compressed size of each layer, in the target's measure
+        if key == "target_ratio":
+            return [lp.dense_params / lp.params for lp in p]
+        return [lp.dense_macs / lp.macs for lp in p]
+
+    plans = {
+        a: plan(model, "tt", input_shape=(1, 3, 32, 32), allocation=a, **target)
+        for a in ("equal_rank", "equal_ratio")
+    }
+    for p in plans.values():
+        got = p.ratio if key == "target_ratio" else p.macs_reduction
+        assert abs(got / value - 1) <= 0.03
+    spread = {a: max(per_layer(p)) / min(per_layer(p)) for a, p in plans.items()}
+    assert spread["equal_rank"] > 10  # equal ranks: 16-channel layers barely shrink
+    assert spread["equal_ratio"] < 2 and spread["equal_ratio"] < spread["equal_rank"] / 4
+    ranks = {lp.name: lp.spec.ranks[0] for lp in plans["equal_ratio"]}
+    # wider layers need larger ranks for the same factor
+    assert ranks["layer3.1.conv1"] > ranks["layer2.1.conv1"] > ranks["layer1.1.conv1"]
+
+
 def test_bad_input():
     model = small_cnn()
+    with pytest.raises(
+        ValueError, match=r"allocation must be one of \['equal_rank', 'equal_ratio'\], got 'even'"
+    ):
+        plan(model, "tt", target_ratio=3.0, allocation="even")
+    with pytest.raises(ValueError, match="with explicit ranks leave it at 'equal_rank'"):
+        plan(model, "tt", ranks=2, allocation="equal_ratio")
     with pytest.raises(ValueError, match="matches no Conv2d/Linear/LSTM layer"):
         plan(model, "tt", ranks=2, include=["conv_missing"])
     with pytest.raises(ValueError, match="must be a finite number > 1"):

@@ -273,3 +273,24 @@ def test_a_setting_missing_from_an_older_run_folder_counts_as_its_default(tmp_pa
                 ["admm.distill_weight=0.5"],
             )
         )
+
+
+def test_compress_allocation_reaches_the_plan(tmp_path):
+    from tdcompress.planning import plan
+
+    comp = {"ranks": None, "target_ratio": 4.0, "allocation": "equal_ratio"}
+    mlp = {"kwargs": {"hidden": [256, 64, 16], "num_classes": 4}}  # layers of unlike sizes
+    path = write_cfg(
+        tmp_path / "c.yaml", tmp_path / "run", dense={"epochs": 1}, compress=comp, model=mlp
+    )
+    p = Pipeline(load_config(path))
+    p.run(("train", "plan"))
+    got = [lp.spec.ranks for lp in p.load_plan()]
+    model = p.dense_model()
+    want = {
+        a: [lp.spec.ranks for lp in plan(model, "tt", target_ratio=4.0, allocation=a)]
+        for a in ("equal_ratio", "equal_rank")
+    }
+    assert got == want["equal_ratio"] != want["equal_rank"]
+    with pytest.raises(ValueError, match=r"compress\.allocation must be one of .*got 'even'"):
+        load_config(None, ["compress.allocation=even"])

@@ -76,6 +76,7 @@ class CompressConfig:
     exclude: list[str] = field(default_factory=list)
     lstm: bool = False
     layout: str | None = None
+    allocation: str = "equal_rank"  # how a target is shared among layers: equal_rank | equal_ratio
     overrides: dict[str, Any] = field(default_factory=dict)
     # decompose: factors from the (ADMM-trained) dense weights; random: the same factorized
     # architecture at random initialisation ("from scratch"; set admm.epochs to 0)
@@ -192,6 +193,7 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
 
 _CHOICES = {
     ("compress", "init"): ("decompose", "random"),
+    ("compress", "allocation"): ("equal_rank", "equal_ratio"),
     ("admm", "mode"): ("penalty", "hook"),
     ("runtime", "amp"): (None, "none", "bf16", "fp16"),
 }

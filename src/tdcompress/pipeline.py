@@ -385,6 +385,7 @@ class Pipeline:
             exclude=c.exclude,
             lstm=c.lstm,
             layout=c.layout,
+            allocation=c.allocation,
             overrides=c.overrides or None,
             input_shape=self.input_shape(),
         )

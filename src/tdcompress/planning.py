@@ -356,6 +356,10 @@ def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
     return seen
 
 
+#: how a solved target is shared among layers (see :func:`plan`)
+ALLOCATIONS = ("equal_rank", "equal_ratio")
+
+
 def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -373,6 +377,7 @@ def plan(
     layout: str | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     input_shape: Sequence[int] | None = None,
+    allocation: str = "equal_rank",
 ) -> CompressionPlan:
     """Plan the compression of ``model``.
 
@@ -385,8 +390,12 @@ def plan(
     Ranks: exactly one of ``ranks`` (an int for every bond of every layer, a per-bond list
     for every layer, or a mapping from layer-name glob to either), ``target_ratio``
     (whole-model parameter ratio, dense / compressed) or ``target_macs_reduction`` (needs
-    ``input_shape``). Solved targets use equal ranks inside a layer, as in the paper, and
-    must be met within 3%, else a ValueError names the closest reachable value.
+    ``input_shape``). Solved targets use equal ranks inside a layer and must be met within
+    3%, else a ValueError names the closest reachable value. ``allocation`` says how a
+    target is shared among layers: ``"equal_rank"`` (the paper's: about the same rank in
+    every layer, so narrow layers keep most of their size and wide ones lose most) or
+    ``"equal_ratio"`` (every layer shrunk by about the same factor in parameters, or in
+    MACs for a MAC target).
 
     ``overrides`` maps a layer name to spec fields (``format``, ``ranks``, ``out_factors``,
     ``in_factors``, ``layout``). ``input_shape`` (e.g. ``(1, 3, 32, 32)``) enables MAC counts.
@@ -394,6 +403,13 @@ def plan(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     get_format(format)  # validates the name
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
+    if ranks is not None and allocation != "equal_rank":
+        raise ValueError(
+            f"allocation={allocation!r} shares a target_ratio or target_macs_reduction among "
+            "layers; with explicit ranks leave it at 'equal_rank'"
+        )
     given = [v is not None for v in (ranks, target_ratio, target_macs_reduction)]
     if sum(given) != 1:
         raise ValueError(
@@ -474,12 +490,91 @@ def plan(
         return make(lambda name: ranks)
 
     if target_ratio is not None:
-        return _solve(make, chosen, float(target_ratio), "ratio", lambda p: p.ratio)
+        return _solve(
+            make,
+            chosen,
+            float(target_ratio),
+            "ratio",
+            lambda p: p.ratio,
+            allocation,
+            lambda lp: (lp.params, lp.dense_params),
+        )
     if input_shape is None:
         raise ValueError("target_macs_reduction needs input_shape to count MACs")
     return _solve(
-        make, chosen, float(target_macs_reduction), "MAC reduction", lambda p: p.macs_reduction
+        make,
+        chosen,
+        float(target_macs_reduction),
+        "MAC reduction",
+        lambda p: p.macs_reduction,
+        allocation,
+        lambda lp: (lp.macs or 0, lp.dense_macs or 0),
     )
+
+
+def _equal_rank_start(
+    at: Callable[[tuple[int, ...]], CompressionPlan],
+    n: int,
+    target: float,
+    measure: Callable[[CompressionPlan], float],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The largest equal rank r whose plan still meets the target (the measure decreases
+    as ranks grow), and r + 1."""
+    lo, hi = 1, 1
+    while measure(at((hi,) * n)) >= target:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 16:
+            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(at((mid,) * n)) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo,) * n, (lo + 1,) * n
+
+
+def _equal_ratio_start(
+    at: Callable[[tuple[int, ...]], CompressionPlan],
+    n: int,
+    target: float,
+    measure: Callable[[CompressionPlan], float],
+    layer_size: Callable[[LayerPlan], tuple[float, float]],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Ranks that keep every layer at about the same fraction f of its dense size: for each
+    layer the largest rank whose size is at most f times the dense one (at least 1), with f
+    the largest fraction whose plan still meets the target; and the ranks one step of f
+    above it."""
+    # each layer's size at equal ranks 1, 2, ... until no layer's ranks change any more
+    # (every rank clipped at its feasible bound); geometric steps above 32 keep wide layers
+    # cheap to tabulate
+    table: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    dense = [0.0] * n
+    r, prev = 1, None
+    while r <= 1 << 16:
+        p = at((r,) * n)
+        specs = [lp.spec.ranks for lp in p.layers]
+        if specs == prev:
+            break
+        for i, lp in enumerate(p.layers):
+            size, dense[i] = layer_size(lp)
+            table[i].append((r, size))
+        prev = specs
+        r = r + 1 if r < 32 else max(r + 1, round(r * 1.05))
+
+    def ranks(f: float) -> tuple[int, ...]:
+        return tuple(
+            max([r for r, size in table[i] if size <= f * dense[i]], default=1) for i in range(n)
+        )
+
+    lo, hi = 0.0, 1.0  # fraction 1 keeps every layer whole: below any target > 1
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if measure(at(ranks(mid))) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return ranks(lo), ranks(hi)
 
 
 def _tuple(v: Any) -> tuple[int, ...] | None:
@@ -492,10 +587,13 @@ def _solve(
     target: float,
     what: str,
     measure: Callable[[CompressionPlan], float],
+    allocation: str = "equal_rank",
+    layer_size: Callable[[LayerPlan], tuple[float, float]] | None = None,
 ) -> CompressionPlan:
-    """Equal ranks in every layer, as large as the target allows; then per-layer ranks
-    within a few steps of it (still equal inside each layer), chosen one layer at a time
-    to land as close to the target as possible."""
+    """A starting point from ``allocation`` (equal ranks as large as the target allows, or
+    every layer at about the same fraction of its ``layer_size`` (compressed, dense)); then
+    per-layer ranks within a few steps of it (still equal inside each layer), chosen one
+    layer at a time to land as close to the target as possible."""
     if not math.isfinite(target) or target <= 1.0:
         raise ValueError(f"target {what} must be a finite number > 1, got {target}")
     names = [c[0] for c in chosen]
@@ -514,32 +612,24 @@ def _solve(
             f"target {what} {target:g} is unreachable: the highest reachable value with these "
             f"layers and formats is {best_reach:.3g} (every rank 1)"
         )
-    # largest uniform rank r with measure >= target (measure decreases as ranks grow)
-    lo, hi = 1, 1
-    while measure(at((hi,) * len(names))) >= target:
-        lo, hi = hi, hi * 2
-        if hi > 1 << 16:
-            break
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if measure(at((mid,) * len(names))) >= target:
-            lo = mid
-        else:
-            hi = mid
+    if allocation == "equal_ratio":
+        assert layer_size is not None
+        floor, ceil = _equal_ratio_start(at, len(names), target, measure, layer_size)
+    else:
+        floor, ceil = _equal_rank_start(at, len(names), target, measure)
 
-    # then per-layer ranks near that uniform rank, one layer at a time (coordinate
-    # descent), to land as close to the target as the discrete ranks allow
+    # then per-layer ranks near that start, one layer at a time (coordinate descent), to
+    # land as close to the target as the discrete ranks allow
     def miss(p: CompressionPlan) -> float:
         return abs(measure(p) / target - 1)
 
-    ranks = [lo] * len(names)
-    best = min((at(tuple(ranks)), at((lo + 1,) * len(names))), key=miss)
+    best = min((at(floor), at(ceil)), key=miss)
     ranks = list(next(r for r, p in memo.items() if p is best))
-    window = range(max(1, lo - 3), lo + 5)
+    windows = [range(max(1, r - 3), r + 5) for r in floor]
     while miss(best) > 0.002:
         trial = None
         for i in range(len(names)):
-            for r in window:
+            for r in windows[i]:
                 if r == ranks[i]:
                     continue
                 r2 = list(ranks)
