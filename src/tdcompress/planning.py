@@ -567,7 +567,7 @@ def _equal_ratio_start(
             max([r for r, size in table[i] if size <= f * dense[i]], default=1) for i in range(n)
         )
 
-    lo, hi = 0.0, 1.0  # fraction 1 keeps every layer whole: below any target > 1
+    lo, hi = 0.0, 1.0  # f = 0: every rank 1 (meets the target, checked above)
     for _ in range(50):
         mid = (lo + hi) / 2
         if measure(at(ranks(mid))) >= target:
