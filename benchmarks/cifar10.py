@@ -341,7 +341,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "configs with every phase 3x longer: dense 90, ADMM 60 + fine-tune 30, TT-SVD + "
         "fine-tune 90, from scratch 180; 'vs our dense' compares each run with the dense run "
         "it starts from. First convolution and classifier stay dense (the paper's choice). "
-        "bf16 autocast and channels_last throughout, 1 thread per run; wall times are sums of "
+        "bf16 autocast and channels_last throughout, 1 thread per run (the table's top-1 is "
+        "the evaluate stage's, in fp32; the per-epoch curves are evaluated under bf16 and "
+        "differ from it by up to ~0.1 point); wall times are sums of "
         "epoch times on the shared 2-core machine, often with 2-3 runs side by side.",
     ]
     lines += _speed_lines(doc.get("speed"))
