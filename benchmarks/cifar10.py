@@ -133,13 +133,13 @@ def _launch(key: str, argv: list[str], log: Path | None) -> subprocess.Popen:
 
 
 def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None:
-    """Run the configs in the given order (dense baselines first), resuming each, at most
-    ``jobs`` at a time; a compressed run starts only after the dense run it loads
-    (``runtime.dense_checkpoint``) has finished. With ``jobs > 1`` each run's output goes
-    to ``runs/cifar10/<key>.log``."""
+    """Run the configs, resuming each, at most ``jobs`` at a time, in the given order except
+    that a compressed run starts only after the dense run it loads
+    (``runtime.dense_checkpoint``) has finished, if that run is among ``keys``. With
+    ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    order = sorted(keys, key=lambda k: (RUNS[k][1] != "dense", keys.index(k)))  # dense first
+    order = list(dict.fromkeys(keys))
     deps = {k: [d for d in dependencies(k) if d in order] for k in order}
     pending, running = list(order), {}
     finished: set[str] = set()
@@ -286,8 +286,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         *command_block(
             doc["command"],
-            "Each row is one config in `configs/cifar10/`; run them all (resumable, dense "
-            "baselines first) and rebuild this page with:",
+            "Each row is one config in `configs/cifar10/`; run them all (resumable; each "
+            "compressed run after the dense run it loads) and rebuild this page with:",
         ),
         "| run | status | top-1 (%) | vs our dense | paper (%) | params | ratio | MACs red. "
         "| epochs (ADMM + ft) | wall (min) |",

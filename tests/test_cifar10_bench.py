@@ -128,7 +128,9 @@ def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench
 
     def launch(key, argv, log):
         events.append(("start", key))
-        assert argv[0] == ("train" if key.endswith(("dense", "dense_fp32")) else "pipeline")
+        assert argv[0] == (
+            "train" if key.endswith(("dense", "dense_fp32", "dense_e90")) else "pipeline"
+        )
         assert (log is not None) and log.name == f"{key}.log"
         return _FakeProc(rcs.get(key, 0), 3, events, key)
 
@@ -148,3 +150,8 @@ def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench
     assert events.index(("end", "resnet20_dense")) < events.index(("start", "resnet20_tt_6.8x"))
     with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
         bench.run(keys, "data", [], jobs=0)
+    # runs that do not wait for one another start in the given order, dense or not
+    events.clear()
+    keys = ["resnet20_tt_6.8x_eqratio", "resnet20_dense_e90", "resnet20_dense_fp32"]
+    bench.run(keys, "data", [], jobs=2)
+    assert [k for e, k in events if e == "start"] == keys
