@@ -48,8 +48,16 @@ def test_collect_reports_done_and_running_runs(bench, tmp_path, monkeypatch):
         {"plan": {"ratio": 4.5, "macs_reduction": 1.9}},
         [_rec("admm", 1, 0.8), _rec("admm", 2, 0.81)],
     )
+    _write(
+        tmp_path / "resnet20_dense_fp32",
+        {"train": {"test_acc": 0.903, "params": 270_000}},
+        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
+    )
     doc = bench.collect()
     rows = {r["key"]: r for r in doc["runs"]}
+    # the fp32 check is compared with the bf16 baseline; the baseline with nothing
+    assert rows["resnet20_dense_fp32"]["delta_vs_dense"] == pytest.approx(0.003)
+    assert "delta_vs_dense" not in rows["resnet20_dense"]
     done = rows["resnet20_tt_6.8x"]
     assert done["status"] == "done"
     assert done["ratio"] == pytest.approx(6.8)
@@ -72,6 +80,8 @@ def test_every_listed_config_loads_with_the_stated_budget(bench):
         assert Path(cfg.runtime.out_dir).name == key
         if method == "dense":
             assert cfg.dense.epochs == n
+            ref = bench.dense_run(key)  # the bf16 baseline a dense variant is compared with
+            assert ref is None or bench.run_config(ref).dense.epochs == n
             continue
         dense = bench.dense_run(key)
         assert bench.run_config(dense).dense.epochs == n  # compared with the same budget

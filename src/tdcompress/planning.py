@@ -501,6 +501,13 @@ def plan(
         )
     if input_shape is None:
         raise ValueError("target_macs_reduction needs input_shape to count MACs")
+    unseen = [lp.name for lp in make(lambda name: 1) if lp.macs is None]
+    if unseen:
+        raise ValueError(
+            f"target_macs_reduction needs the MACs of every planned layer, but {unseen} saw "
+            f"no input when the model ran on input_shape {tuple(input_shape)}; exclude them "
+            "or give target_ratio"
+        )
     return _solve(
         make,
         chosen,
@@ -508,7 +515,7 @@ def plan(
         "MAC reduction",
         lambda p: p.macs_reduction,
         allocation,
-        lambda lp: (lp.macs or 0, lp.dense_macs or 0),
+        lambda lp: (lp.macs, lp.dense_macs),
     )
 
 
@@ -567,7 +574,7 @@ def _equal_ratio_start(
             max([r for r, size in table[i] if size <= f * dense[i]], default=1) for i in range(n)
         )
 
-    lo, hi = 0.0, 1.0  # f = 0: every rank 1 (meets the target, checked above)
+    lo, hi = 0.0, 1.0  # f = 0: every rank 1 (the most any plan can compress)
     for _ in range(50):
         mid = (lo + hi) / 2
         if measure(at(ranks(mid))) >= target:
@@ -593,7 +600,8 @@ def _solve(
     """A starting point from ``allocation`` (equal ranks as large as the target allows, or
     every layer at about the same fraction of its ``layer_size`` (compressed, dense)); then
     per-layer ranks within a few steps of it (still equal inside each layer), chosen one
-    layer at a time to land as close to the target as possible."""
+    layer at a time to land close to the target (equal_rank: as close as possible;
+    equal_ratio: only as far as needed to come within tolerance)."""
     if not math.isfinite(target) or target <= 1.0:
         raise ValueError(f"target {what} must be a finite number > 1, got {target}")
     names = [c[0] for c in chosen]
@@ -618,33 +626,51 @@ def _solve(
     else:
         floor, ceil = _equal_rank_start(at, len(names), target, measure)
 
-    # then per-layer ranks near that start, one layer at a time (coordinate descent), to
-    # land as close to the target as the discrete ranks allow
     def miss(p: CompressionPlan) -> float:
         return abs(measure(p) / target - 1)
 
-    best = min((at(floor), at(ceil)), key=miss)
-    ranks = list(next(r for r, p in memo.items() if p is best))
-    windows = [range(max(1, r - 3), r + 5) for r in floor]
-    while miss(best) > 0.002:
-        trial = None
-        for i in range(len(names)):
-            for r in windows[i]:
-                if r == ranks[i]:
-                    continue
-                r2 = list(ranks)
-                r2[i] = r
-                p = at(tuple(r2))
-                if miss(p) < miss(best) and (trial is None or miss(p) < miss(trial[1])):
-                    trial = (r2, p)
-        if trial is None:
-            break
-        ranks, best = trial
+    def descend(ranks: list[int], windows: list[range], stop: float) -> CompressionPlan:
+        """Per-layer ranks near ``ranks``, one layer at a time (coordinate descent), until
+        the target is missed by at most ``stop`` or no single change gets closer."""
+        best = at(tuple(ranks))
+        while miss(best) > stop:
+            trial = None
+            for i in range(len(names)):
+                for r in windows[i]:
+                    if r == ranks[i]:
+                        continue
+                    r2 = list(ranks)
+                    r2[i] = r
+                    p = at(tuple(r2))
+                    if miss(p) < miss(best) and (trial is None or miss(p) < miss(trial[1])):
+                        trial = (r2, p)
+            if trial is None:
+                break
+            ranks, best = trial
+        return best
+
+    if allocation == "equal_ratio":
+        # keep the shared fraction: a start already within tolerance is taken as it is
+        # (rank steps of small layers are large relative changes); else descend from both
+        # starts only until within tolerance
+        windows = [range(max(1, min(f, c) - 3), max(f, c) + 5) for f, c in zip(floor, ceil)]
+        starts = sorted((floor, ceil), key=lambda r: miss(at(r)))
+        if miss(at(starts[0])) <= RATIO_TOLERANCE:
+            best = at(starts[0])
+        else:
+            tries = [descend(list(r), windows, RATIO_TOLERANCE) for r in starts]
+            best = min(tries, key=miss)
+    else:
+        # equal ranks: from the better of r and r + 1, as close to the target as one-layer
+        # changes get
+        best = min((at(floor), at(ceil)), key=miss)
+        start = list(next(r for r, p in memo.items() if p is best))
+        best = descend(start, [range(max(1, r - 3), r + 5) for r in floor], 0.002)
     got = measure(best)
     if abs(got / target - 1) > RATIO_TOLERANCE:
         raise ValueError(
             f"target {what} {target:g} cannot be met within {RATIO_TOLERANCE:.0%}: the closest "
             f"reachable value is {got:.3g}"
         )
-    best.meta = {f"target_{what.replace(' ', '_').lower()}": target}
+    best.meta = {f"target_{what.replace(' ', '_').lower()}": target, "allocation": allocation}
     return best
