@@ -107,15 +107,10 @@ def dense_run(key: str) -> str | None:
 
 def dependencies(key: str) -> list[str]:
     """The dense runs whose model ``key`` starts from (its ``runtime.dense_checkpoint``)."""
-    dc = run_config(key).runtime.dense_checkpoint
-    if not dc:
+    if RUNS[key][1] == "dense":  # a dense variant is compared with, not started from, a run
         return []
-    folder = (REPO / dc).resolve().parent if not Path(dc).is_absolute() else Path(dc).parent
-    return [
-        k
-        for k, (_, method, _) in RUNS.items()
-        if method == "dense" and out_dir(run_config(k)).resolve() == folder
-    ]
+    d = dense_run(key)
+    return [d] if d else []
 
 
 def _argv(key: str, data_root: str, sets: list[str]) -> list[str]:

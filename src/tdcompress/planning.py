@@ -663,9 +663,8 @@ def _solve(
     else:
         # equal ranks: from the better of r and r + 1, as close to the target as one-layer
         # changes get
-        best = min((at(floor), at(ceil)), key=miss)
-        start = list(next(r for r, p in memo.items() if p is best))
-        best = descend(start, [range(max(1, r - 3), r + 5) for r in floor], 0.002)
+        start = min((floor, ceil), key=lambda r: miss(at(r)))
+        best = descend(list(start), [range(max(1, r - 3), r + 5) for r in floor], 0.002)
     got = measure(best)
     if abs(got / target - 1) > RATIO_TOLERANCE:
         raise ValueError(
