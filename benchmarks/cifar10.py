@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from tdcompress.config import Config, load_config
+from tdcompress.pipeline import dense_weights_unused
 from tdcompress.report import command_block, pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
 from tdcompress.train.loop import read_metrics
@@ -106,8 +107,12 @@ def dense_run(key: str) -> str | None:
 
 
 def dependencies(key: str) -> list[str]:
-    """The dense runs whose model ``key`` starts from (its ``runtime.dense_checkpoint``)."""
+    """The dense runs whose model ``key`` starts from (its ``runtime.dense_checkpoint``). A
+    from-scratch run starts at once: it reads the dense model only at its evaluate stage
+    (``pipeline.dense_weights_unused``), long after the dense run of the same budget ends."""
     if RUNS[key][1] == "dense":  # a dense variant is compared with, not started from, a run
+        return []
+    if dense_weights_unused(run_config(key)):
         return []
     d = dense_run(key)
     return [d] if d else []

@@ -131,8 +131,14 @@ class _FakeProc:
 
 def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench, monkeypatch):
     assert bench.dependencies("resnet32_tt_5.8x") == ["resnet32_dense"]
-    assert bench.dependencies("resnet20_tt_6.8x_scratch") == ["resnet20_dense"]
     assert bench.dependencies("resnet20_dense") == []
+    # from scratch: compared with the dense run, but not started from it, so it starts at once
+    for key, dense in [
+        ("resnet20_tt_6.8x_scratch", "resnet20_dense"),
+        ("resnet20_tt_6.8x_scratch_e90", "resnet20_dense_e90"),
+    ]:
+        assert bench.dependencies(key) == [] and bench.dense_run(key) == dense
+    assert bench.dependencies("resnet20_tt_6.8x_dtf_e90") == ["resnet20_dense_e90"]
     events: list = []
     rcs = {"resnet32_dense": 1}  # the ResNet-32 baseline fails
 
@@ -165,3 +171,7 @@ def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench
     keys = ["resnet20_tt_6.8x_eqratio", "resnet20_dense_e90", "resnet20_dense_fp32"]
     bench.run(keys, "data", [], jobs=2)
     assert [k for e, k in events if e == "start"] == keys
+    events.clear()
+    keys = ["resnet20_dense_e90", "resnet20_tt_6.8x_e90", "resnet20_tt_6.8x_scratch_e90"]
+    bench.run(keys, "data", [], jobs=2)
+    assert [k for e, k in events if e == "start"] == [keys[0], keys[2], keys[1]]

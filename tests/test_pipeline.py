@@ -192,6 +192,43 @@ def test_missing_dense_checkpoint_names_the_option(tmp_path):
         Pipeline(cfg).run(("train",))
 
 
+def test_from_scratch_run_waits_for_its_dense_checkpoint_only_at_evaluate(tmp_path):
+    dense_ckpt = tmp_path / "dense_run" / "dense.pt"
+    fast = {"admm": {"epochs": 0}, "finetune": {"epochs": 1}}
+    scratch = {"init": "random", "format": "tt", "ranks": 16}
+    sets = [f"runtime.dense_checkpoint={dense_ckpt}"]
+    cfg = load_config(
+        write_cfg(tmp_path / "s.yaml", tmp_path / "s", compress=scratch, **fast), sets
+    )
+    # trained without the dense model, which is still missing: evaluate refuses, naming it
+    with pytest.raises(
+        FileNotFoundError, match=r"dense_checkpoint .*dense\.pt.* does not exist yet"
+    ):
+        Pipeline(cfg).run()
+    done = Pipeline(cfg).state()["done"]
+    assert list(done) == ["train", "plan", "admm", "decompose", "finetune"]
+    assert done["train"]["deferred"] == str(dense_ckpt)
+    finetuned = torch.load(tmp_path / "s" / "finetuned.pt")["model"]
+    # the dense run finishes; the rerun keeps every trained stage and reads its accuracy
+    dense = Pipeline(load_config(write_cfg(tmp_path / "d.yaml", tmp_path / "dense_run")))
+    dense_acc = dense.run(("train",))["train"]["test_acc"]
+    ev = Pipeline(cfg).run()["evaluate"]
+    assert ev["dense_acc"] == dense_acc > 0.5
+    after = torch.load(tmp_path / "s" / "finetuned.pt")["model"]
+    assert all(torch.equal(finetuned[k], after[k]) for k in finetuned)
+    # a run that does start from the dense weights (ADMM, decompose, distillation) still
+    # stops at train
+    for i, over in enumerate(
+        ["admm.epochs=1", "compress.init=decompose", "finetune.distill_weight=0.5"]
+    ):
+        bad = load_config(
+            write_cfg(tmp_path / "b.yaml", tmp_path / f"b{i}", compress=scratch, **fast),
+            [f"runtime.dense_checkpoint={tmp_path / 'nope.pt'}", over],
+        )
+        with pytest.raises(FileNotFoundError, match=r"runtime\.dense_checkpoint .*nope\.pt"):
+            Pipeline(bad).run(("train",))
+
+
 def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
     import fcntl
 
