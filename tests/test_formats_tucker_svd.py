@@ -266,3 +266,12 @@ def test_spec_options_are_used_kept_and_checked() -> None:
         for fn in (fmt.project, fmt.decompose):
             with pytest.raises(ValueError, match=match):
                 fn(_rand_weight(geo), spec)
+
+
+def test_tucker2_layer_class_names_itself_for_a_linear_geometry() -> None:
+    fmt = get_format("tucker2")
+    assert fmt.layer_class(_conv_geo()) is Tucker2Conv2d
+    spec = fmt.resolve(_conv_geo(), 2)
+    match = r"Tucker2Format\.layer_class .*does not support linear layers.*\['conv2d'\]"
+    with pytest.raises(ValueError, match=match):
+        fmt.build_initialized(LayerGeometry.linear(4, 5), spec)

@@ -331,3 +331,12 @@ def test_compress_allocation_reaches_the_plan(tmp_path):
     assert got == want["equal_ratio"] != want["equal_rank"]
     with pytest.raises(ValueError, match=r"compress\.allocation must be one of .*got 'even'"):
         load_config(None, ["compress.allocation=even"])
+
+
+def test_command_block_is_a_markdown_code_block_holding_the_command_verbatim():
+    from tdcompress.report import command_block
+
+    cmd = "python benchmarks/cifar10.py --run a b --data-root ../shared/data  # *not* markdown"
+    lines = command_block(cmd, intro="Reproduce:")
+    assert lines == ["Reproduce:", "", "```", cmd, "```", ""]
+    assert command_block("x")[0] == "Command (from the repository root):"
