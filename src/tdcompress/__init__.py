@@ -11,6 +11,7 @@ The flow of one compression (Yin et al., CVPR 2021)::
 
 from tdcompress import formats, layers, tensor
 from tdcompress.admm import ADMM, ADMMSchedule
+from tdcompress.export import ExportResult, export_model
 from tdcompress.formats import FactorSpec, LayerGeometry, available_formats, get_format
 from tdcompress.planning import CompressionPlan, LayerPlan, plan
 from tdcompress.surgery import DecompositionReport, decompose
@@ -22,11 +23,13 @@ __all__ = [
     "ADMMSchedule",
     "CompressionPlan",
     "DecompositionReport",
+    "ExportResult",
     "FactorSpec",
     "LayerGeometry",
     "LayerPlan",
     "available_formats",
     "decompose",
+    "export_model",
     "formats",
     "get_format",
     "layers",

@@ -1,4 +1,4 @@
-"""The ``tdcompress`` command: the pipeline, its single stages, and the demo."""
+"""The ``tdcompress`` command: the pipeline, its single stages, the demo, and export."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
+    def common(
+        sp: argparse.ArgumentParser, config_required: bool = True, force: bool = True
+    ) -> None:
         if config_required:
             sp.add_argument("config", help="experiment YAML (see configs/)")
         sp.add_argument(
@@ -30,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--data-root", help="folder holding the datasets (data.root)")
         sp.add_argument("--out-dir", help="run folder for checkpoints and reports")
-        sp.add_argument("--force", action="store_true", help="rerun finished stages")
+        if force:
+            sp.add_argument("--force", action="store_true", help="rerun finished stages")
 
     common(sub.add_parser("pipeline", help="run every stage, resuming finished ones"))
     for s in STAGES:
@@ -39,6 +42,26 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser("demo", help="the whole pipeline on the bundled digits (CPU, <3 min)"),
         config_required=False,
     )
+    ex = sub.add_parser(
+        "export",
+        help="write the run's model as ONNX or a torch.export program (.pt2), checked "
+        "against the eager model",
+    )
+    common(ex, force=False)
+    ex.add_argument("--format", choices=["onnx", "pt2"], default="onnx", help="default: onnx")
+    ex.add_argument(
+        "--weights",
+        choices=["finetuned", "decomposed", "dense"],
+        default="finetuned",
+        help="which of the run's models (default: finetuned)",
+    )
+    ex.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="samples per input; the graph is specialised to it (default: 1)",
+    )
+    ex.add_argument("--output", help="file to write (default: <out_dir>/model.<format>)")
     return p
 
 
@@ -58,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tdcompress: error: {e}", file=sys.stderr)
         return 2
     pipe = Pipeline(cfg)
+    if args.command == "export":
+        try:
+            res = pipe.export(args.output, args.format, args.weights, args.batch_size)
+        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+            print(f"tdcompress: error: {e}", file=sys.stderr)
+            return 2
+        print(res.summary())
+        return 0
     stages = STAGES if args.command in ("pipeline", "demo") else (args.command,)
     pipe.run(stages, force=args.force)
     if "evaluate" in stages or "report" in stages:

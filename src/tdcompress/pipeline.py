@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from tdcompress.train.distributed import (
     wrap_ddp,
 )
 from tdcompress.train.loop import MetricsLog, evaluate, read_metrics, train_epoch
+
+if TYPE_CHECKING:
+    from tdcompress.export import ExportResult
 
 __all__ = ["Pipeline", "STAGES"]
 
@@ -528,6 +531,42 @@ class Pipeline:
         )
         self._mark_done("report", {"path": str(self.out / "report.md")})
         return text
+
+    # ---------------------------------------------------------------- export
+    def export(
+        self,
+        path: str | Path | None = None,
+        format: str = "onnx",
+        weights: str = "finetuned",
+        batch_size: int = 1,
+    ) -> ExportResult:
+        """Write the run's ``weights`` model ("finetuned", "decomposed" or "dense") as
+        ``format`` ("onnx" or "pt2") for inputs of ``batch_size`` samples, checked against
+        the eager model (:func:`tdcompress.export.export_model`). Default ``path``:
+        ``<out_dir>/model.<format>`` (``model-<weights>.<format>`` for the other weights)."""
+        from tdcompress.export import EXPORT_FORMATS, export_model
+
+        stage = {"finetuned": "finetune", "decomposed": "decompose", "dense": "train"}
+        if weights not in stage:
+            raise ValueError(f"weights must be one of {sorted(stage)}, got {weights!r}")
+        if format not in EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {sorted(EXPORT_FORMATS)}, got {format!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        ckpt = self.out / f"{weights}.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"{str(ckpt)!r} does not exist: run the {stage[weights]} stage of this config "
+                f"first (weights={weights!r})"
+            )
+        model = self.dense_model() if weights == "dense" else self.compressed_model()
+        model.load_state_dict(load_checkpoint(ckpt, self.device)["model"])
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        x = torch.randn((batch_size, *self.input_shape()[1:]), generator=gen).to(self.device)
+        if path is None:
+            tag = "" if weights == "finetuned" else f"-{weights}"
+            path = self.out / f"model{tag}{EXPORT_FORMATS[format]}"
+        return export_model(model, x, path, format=format)
 
     # ---------------------------------------------------------------- driver
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, Any]:

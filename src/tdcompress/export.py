@@ -1,0 +1,181 @@
+"""Export a (compressed) model for deployment: ONNX or a ``torch.export`` program (``.pt2``).
+
+The exported file is checked before it is kept: it is loaded back and run on the example
+input (``.pt2`` with ``torch.export.load``; ONNX with onnxruntime when installed, else ONNX's
+reference evaluator) and must match the eager model, else nothing is written.
+:meth:`tdcompress.pipeline.Pipeline.export` (``tdcompress export CONFIG``) exports a run's
+model this way. The graph is
+specialised to the example input's shape: the factorized layers choose their contraction
+order per input shape, so export at the batch size you deploy with.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["EXPORT_FORMATS", "ExportResult", "export_model"]
+
+#: file format -> file suffix
+EXPORT_FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_model` wrote and how it was checked."""
+
+    path: Path
+    format: str
+    input_shape: tuple[int, ...]
+    file_bytes: int
+    params: int
+    max_abs_diff: float | None  # exported vs eager output on the example input
+    checked_with: str | None  # "torch.export.load", "onnxruntime", "onnx.reference"
+    files: tuple[Path, ...] = ()  # path, and ONNX's external weights file if it needed one
+
+    def summary(self) -> str:
+        check = (
+            "not checked"
+            if self.checked_with is None
+            else f"max |exported - eager| = {self.max_abs_diff:.3g} ({self.checked_with})"
+        )
+        return (
+            f"{self.path} ({self.format}, {self.file_bytes / 1024:.1f} KiB, "
+            f"{self.params:,} parameters, input {tuple(self.input_shape)}): {check}"
+        )
+
+
+def export_model(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike[str],
+    format: str | None = None,
+    check: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> ExportResult:
+    """Export ``model`` (in eval mode) traced on ``example_input`` to ``path``.
+
+    ``format``: "onnx" or "pt2"; by default taken from the suffix of ``path``. With
+    ``check`` the written file is run on ``example_input`` and must agree with the eager
+    model within ``atol + rtol * max|eager|``; otherwise a ``RuntimeError`` is raised and
+    ``path`` is left as it was. The file is written atomically (temporary file, then rename).
+    ONNX weights go into the one file unless they exceed protobuf's limit (then beside it, in
+    ``<name>.data``, listed in ``files``).
+    """
+    path = Path(path)
+    if format is None:
+        by_suffix = {s: f for f, s in EXPORT_FORMATS.items()}
+        if path.suffix not in by_suffix:
+            raise ValueError(
+                f"path {str(path)!r}: cannot tell the format from the suffix "
+                f"{path.suffix!r}; use one of {sorted(by_suffix)} or pass format= "
+                f"(one of {sorted(EXPORT_FORMATS)})"
+            )
+        format = by_suffix[path.suffix]
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {sorted(EXPORT_FORMATS)}, got {format!r}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if format == "onnx":
+        _require("onnx", "ONNX export")
+        _require("onnxscript", "ONNX export (torch.onnx.export uses it)")
+    params = next(iter(model.parameters()), None)
+    if params is not None and params.device != example_input.device:
+        raise ValueError(
+            f"example_input is on {example_input.device} but the model is on "
+            f"{params.device}; move one of them"
+        )
+    was_training = model.training
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # written under its final name in a private folder beside ``path``: ONNX may add a
+    # ``<name>.data`` file that the graph names, so both move out together once checked
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = tmpdir / path.name
+    try:
+        with torch.no_grad():
+            want = model(example_input)
+        if not isinstance(want, torch.Tensor):
+            raise TypeError(
+                f"export_model needs a model with one tensor output, got {type(want).__name__}"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+            if format == "pt2":
+                program = torch.export.export(model, (example_input,))
+                torch.export.save(program, tmp)
+            else:
+                # one self-contained file unless the weights exceed protobuf's 2 GB limit
+                big = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                torch.onnx.export(
+                    model, (example_input,), tmp, verbose=False, external_data=big > 1.5e9
+                )
+        diff, how = None, None
+        if check:
+            got, how = _run_exported(tmp, format, example_input)
+            got = got.to(want.device, want.dtype)
+            if got.shape != want.shape:
+                raise RuntimeError(
+                    f"the exported {format} graph gives an output of shape {tuple(got.shape)}, "
+                    f"the model {tuple(want.shape)}; nothing written to {str(path)!r}"
+                )
+            diff = float((got - want).abs().max()) if want.numel() else 0.0
+            bound = atol + rtol * float(want.abs().max()) if want.numel() else atol
+            if not diff <= bound:  # also catches NaN
+                raise RuntimeError(
+                    f"the exported {format} graph differs from the model by up to {diff:.3g} "
+                    f"(allowed {bound:.3g}, checked with {how}); nothing written to "
+                    f"{str(path)!r}"
+                )
+        written = sorted(tmpdir.iterdir(), key=lambda f: f == tmp)  # the graph itself last
+        for f in written:
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        model.train(was_training)
+    files = tuple(path.parent / f.name for f in written)
+    return ExportResult(
+        path=path,
+        format=format,
+        input_shape=tuple(example_input.shape),
+        file_bytes=sum(f.stat().st_size for f in files),
+        params=sum(p.numel() for p in model.parameters()),
+        max_abs_diff=diff,
+        checked_with=how,
+        files=files,
+    )
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{what} needs the {module!r} package: pip install 'tdcompress[onnx]'")
+
+
+def _run_exported(path: Path, format: str, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """The exported file's output on ``x`` and what ran it."""
+    if format == "pt2":
+        with torch.no_grad():
+            return torch.export.load(path).module()(x), "torch.export.load"
+    feed = x.detach().cpu().numpy()
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {sess.get_inputs()[0].name: feed})[0]
+        return torch.from_numpy(y), "onnxruntime"
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    y = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: feed})[0]
+    return torch.from_numpy(y), "onnx.reference"

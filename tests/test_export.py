@@ -1,0 +1,180 @@
+"""tdcompress.export and `tdcompress export`: the written file, run on new inputs, matches the
+eager model; a mismatching export is never kept; bad arguments are named."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import tdcompress.export as export_mod
+from tdcompress.cli import main
+from tdcompress.export import export_model
+from tdcompress.layers.lowrank import LowRankLinear
+from tdcompress.layers.tr import TRConv2d
+from tdcompress.layers.tt import TTConv2d, TTLinear
+from tdcompress.layers.tucker2 import Tucker2Conv2d
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="onnx and onnxscript not installed")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+def small_net() -> nn.Module:
+    """Every factorized conv kind, BN, a residual-free CNN head, TT and low-rank linears."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        TTConv2d(8, 16, 3, ranks=3, padding=1, stride=2),
+        Tucker2Conv2d(16, 16, 3, (4, 4), padding=1),
+        TRConv2d(16, 8, 3, ranks=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        TTLinear(32, 16, ranks=4),
+        nn.ReLU(),
+        LowRankLinear(16, 10, 3),
+    )
+
+
+def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_pt2_export_runs_new_inputs_like_the_model(tmp_path):
+    model = small_net().train()
+    x = torch.randn(2, 3, 16, 16)
+    res = export_model(model, x, tmp_path / "m.pt2")
+    assert model.training  # the mode is restored
+    assert res.format == "pt2" and res.checked_with == "torch.export.load"
+    assert res.max_abs_diff is not None and res.max_abs_diff <= 1e-4
+    assert res.params == sum(p.numel() for p in model.parameters())
+    assert res.file_bytes == (tmp_path / "m.pt2").stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no temporary file left
+    # a different input of the same shape: the graph computes, it did not store an answer
+    x2 = torch.randn(2, 3, 16, 16)
+    got = torch.export.load(tmp_path / "m.pt2").module()(x2)
+    torch.testing.assert_close(got, _eager(model, x2), rtol=1e-5, atol=1e-5)
+
+
+@needs_onnx
+def test_onnx_export_runs_new_inputs_like_the_model(tmp_path):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = small_net()
+    res = export_model(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
+    assert res.format == "onnx" and res.checked_with in ("onnxruntime", "onnx.reference")
+    # one self-contained file (the weights inside, no external .data file, nothing temporary)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and res.files == (res.path,)
+    assert res.file_bytes > 4 * res.params
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    x2 = torch.randn(1, 3, 16, 16)
+    got = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x2.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), _eager(model, x2), rtol=1e-4, atol=1e-5)
+
+
+def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch):
+    model = small_net()
+    x = torch.randn(1, 3, 16, 16)
+    path = tmp_path / "m.pt2"
+    path.write_bytes(b"an older export")
+
+    def wrong(p, fmt, inp):
+        return _eager(model, inp) + 0.01, "a broken runtime"
+
+    monkeypatch.setattr(export_mod, "_run_exported", wrong)
+    with pytest.raises(RuntimeError, match=r"differs from the model by up to 0\.01.*broken"):
+        export_model(model, x, path)
+    assert path.read_bytes() == b"an older export"  # left as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+    monkeypatch.setattr(export_mod, "_run_exported", lambda p, f, i: (torch.zeros(3), "x"))
+    with pytest.raises(RuntimeError, match=r"output of shape \(3,\), the model \(1, 10\)"):
+        export_model(model, x, path)
+    res = export_model(model, x, path, check=False)  # unchecked: written, and says so
+    assert res.checked_with is None and "not checked" in res.summary()
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        ({"path": "m.bin"}, ValueError, r"path .*m\.bin.*suffix '\.bin'.*\['\.onnx', '\.pt2'\]"),
+        (
+            {"format": "tflite"},
+            ValueError,
+            r"format must be one of \['onnx', 'pt2'\], got 'tflite'",
+        ),
+        ({"example_input": [1.0]}, TypeError, r"example_input must be a torch\.Tensor, got list"),
+    ],
+)
+def test_bad_arguments_are_named(tmp_path, kwargs, err, match):
+    args = {"path": "m.pt2", "example_input": torch.randn(1, 3, 16, 16), **kwargs}
+    with pytest.raises(err, match=match):
+        export_model(
+            small_net(), args["example_input"], tmp_path / args["path"], format=kwargs.get("format")
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
+    cfg = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"dataset": "synthetic", "batch_size": 32, "eval_batch_size": 256},
+        "model": {"name": "mlp", "kwargs": {"hidden": [32], "num_classes": 4}},
+        "dense": {"epochs": 1},
+        "compress": {"format": "tt", "ranks": 4},
+        "admm": {"epochs": 1, "every_steps": 8},
+        "finetune": {"epochs": 1},
+        "runtime": {
+            "device": "cpu",
+            "progress": False,
+            "threads": 1,
+            "out_dir": str(tmp_path / "run"),
+        },
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # before the fine-tuning stage has run: a clear error, nothing written
+    assert main(["export", str(path)]) == 2
+    assert "finetuned.pt' does not exist: run the finetune stage" in capsys.readouterr().err
+    assert main(["pipeline", str(path)]) == 0
+    assert main(["export", str(path), "--format", "pt2", "--batch-size", "3"]) == 0
+    assert "model.pt2 (pt2" in capsys.readouterr().out
+    from tdcompress.config import load_config
+    from tdcompress.pipeline import Pipeline
+    from tdcompress.train.checkpoint import load_checkpoint
+
+    p = Pipeline(load_config(path))
+    model = p.compressed_model()
+    model.load_state_dict(load_checkpoint(p.out / "finetuned.pt", "cpu")["model"])
+    assert any(type(m).__name__ == "TTLinear" for m in model.modules())
+    x = torch.randn(3, *p.input_shape()[1:])
+    got = torch.export.load(p.out / "model.pt2").module()(x)
+    torch.testing.assert_close(got, _eager(model, x), rtol=1e-5, atol=1e-5)
+    # the dense model, to a chosen file
+    out = tmp_path / "dense.pt2"
+    argv = ["export", str(path), "--format", "pt2", "--weights", "dense", "--output", str(out)]
+    assert main(argv) == 0  # batch size 1: the graph is specialised to it
+    with pytest.raises(AssertionError, match=r"x\.size\(\)\[0\] == 1"):
+        torch.export.load(out).module()(x)
+    assert main([*argv, "--batch-size", "3"]) == 0
+    dense = p.dense_model()
+    dense.load_state_dict(load_checkpoint(p.out / "dense.pt", "cpu")["model"])
+    got = torch.export.load(out).module()(x)
+    torch.testing.assert_close(got, _eager(dense, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
+        p.export(batch_size=0)
+    with pytest.raises(ValueError, match=r"weights must be one of .*got 'admm'"):
+        p.export(weights="admm")
+    assert json.loads((p.out / "state.json").read_text())["done"]["finetune"]
