@@ -3,10 +3,11 @@
 For LeNet-5 (MNIST-sized input) and ResNet-20 (CIFAR-sized input), dense and compressed by
 the plan the experiments use (TT at 20x for LeNet-5, TT at 6.8x for ResNet-20): images/s of
 one SGD step (forward, cross-entropy, backward, momentum update) at batch 128 in fp32 NCHW,
-fp32 channels_last and bf16 autocast channels_last; median over repeats, all cases
-interleaved in one run so that machine load hits them alike.
+fp32 channels_last and bf16 autocast channels_last, and with ``--compile`` the last under
+``torch.compile`` (inductor; plan caches warmed first, compile time reported); median over
+repeats, all cases interleaved in one run so that machine load hits them alike.
 
-    python benchmarks/bench_train_step.py [--threads 1] [--repeats 15] [--out PATH]
+    python benchmarks/bench_train_step.py [--threads 1] [--repeats 15] [--compile] [--out PATH]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CASES = {
     "resnet20": ((3, 32, 32), "tt", 6.8),
 }
 MODES = (("fp32", False, False), ("fp32 NHWC", False, True), ("bf16 NHWC", True, True))
+COMPILED = ("bf16 NHWC compiled", True, True)
 
 
 def make_models(name: str) -> dict[str, torch.nn.Module]:
@@ -43,12 +45,17 @@ def make_models(name: str) -> dict[str, torch.nn.Module]:
     return {"dense": dense, f"{fmt} {p.ratio:.1f}x": compressed}
 
 
-def step_fn(model: torch.nn.Module, shape, bf16: bool, nhwc: bool, batch: int):
+def step_fn(
+    model: torch.nn.Module, shape, bf16: bool, nhwc: bool, batch: int, compiled: bool = False
+):
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     model = copy.deepcopy(model).to(memory_format=fmt)  # .to() converts in place
     x = torch.randn(batch, *shape).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if compiled:  # as runtime.compile does: plans warmed, then one static-shape graph
+        tdc.layers.warm_plans(model, [tuple(x.shape)], channels_last=nhwc)
+        model = torch.compile(model, dynamic=False)
 
     def step() -> float:
         t = time.perf_counter()
@@ -68,23 +75,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--compile", action="store_true", help="add bf16 NHWC under torch.compile")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps, times = {}, {}
+    steps, times, compile_s = {}, {}, {}
+    modes = MODES + ((COMPILED,) if args.compile else ())
     for name in args.models:
         for variant, model in make_models(name).items():
-            for mode, bf16, nhwc in MODES:
+            for mode, bf16, nhwc in modes:
                 key = (name, variant, mode)
-                steps[key] = step_fn(model, CASES[name][0], bf16, nhwc, args.batch)
-                for _ in range(2):  # warm-up
-                    steps[key]()
+                compiled = mode == COMPILED[0]
+                steps[key] = step_fn(model, CASES[name][0], bf16, nhwc, args.batch, compiled)
+                t0 = time.perf_counter()
+                steps[key]()  # warm-up (and the compile)
+                if compiled:
+                    compile_s[key] = time.perf_counter() - t0
+                steps[key]()
                 times[key] = []
     for _ in range(args.repeats):  # interleaved: load drifts hit every case alike
         for key, step in steps.items():
             times[key].append(step())
     rows = []
-    for (name, variant, mode), ts in times.items():
+    for key, ts in times.items():
+        name, variant, mode = key
         med = statistics.median(ts)
         base = statistics.median(times[(name, variant, "fp32")])
         rows.append(
@@ -95,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ms_per_step": 1000 * med,
                 "images_per_s": args.batch / med,
                 "speedup_vs_fp32": base / med,
+                **({"compile_s": compile_s[key]} if key in compile_s else {}),
             }
         )
     doc = {
@@ -109,11 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "rows": rows,
     }
-    print(f"{'model':9} {'variant':10} {'mode':10} {'ms/step':>8} {'img/s':>7} {'vs fp32':>7}")
+    print(f"{'model':9} {'variant':10} {'mode':18} {'ms/step':>8} {'img/s':>7} {'vs fp32':>7}")
     for r in rows:
+        extra = f"  (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
         print(
-            f"{r['model']:9} {r['variant']:10} {r['mode']:10} {r['ms_per_step']:8.1f} "
-            f"{r['images_per_s']:7.0f} {r['speedup_vs_fp32']:6.2f}x"
+            f"{r['model']:9} {r['variant']:10} {r['mode']:18} {r['ms_per_step']:8.1f} "
+            f"{r['images_per_s']:7.0f} {r['speedup_vs_fp32']:6.2f}x{extra}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

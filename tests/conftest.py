@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-data root (tests that need it skip when it is absent)."""
+"""Shared fixtures: the real-data root (tests that need it skip when it is absent), the
+benchmark loader, and a small CNN holding every kind of factorized layer."""
 
 from __future__ import annotations
 
@@ -37,3 +38,42 @@ def _load_benchmark(name: str):
 @pytest.fixture(scope="session")
 def load_benchmark():
     return _load_benchmark
+
+
+def _factorized_net():
+    """A small CNN on (N, 3, 16, 16) inputs with BN and every factorized layer kind (TT, TR,
+    Tucker-2 and low-rank convs; TT and low-rank linears): 10 outputs, seeded."""
+    import torch
+    from torch import nn
+
+    from tdcompress.layers import (
+        LowRankConv2d,
+        LowRankLinear,
+        TRConv2d,
+        TTConv2d,
+        TTLinear,
+        Tucker2Conv2d,
+    )
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        TTConv2d(8, 16, 3, ranks=3, padding=1, stride=2),
+        Tucker2Conv2d(16, 16, 3, (4, 4), padding=1),
+        LowRankConv2d(16, 16, 3, 4, padding=1),
+        TRConv2d(16, 8, 3, ranks=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        TTLinear(32, 16, ranks=4),
+        nn.ReLU(),
+        LowRankLinear(16, 10, 3),
+    )
+
+
+@pytest.fixture(scope="session")
+def factorized_net():
+    """Factory of :func:`_factorized_net` (a fresh, identically seeded model per call)."""
+    return _factorized_net

@@ -14,10 +14,6 @@ from torch import nn
 import tdcompress.export as export_mod
 from tdcompress.cli import main
 from tdcompress.export import export_model
-from tdcompress.layers.lowrank import LowRankLinear
-from tdcompress.layers.tr import TRConv2d
-from tdcompress.layers.tt import TTConv2d, TTLinear
-from tdcompress.layers.tucker2 import Tucker2Conv2d
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
 needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="onnx and onnxscript not installed")
@@ -27,32 +23,13 @@ pytestmark = [
 ]
 
 
-def small_net() -> nn.Module:
-    """Every factorized conv kind, BN, a residual-free CNN head, TT and low-rank linears."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        TTConv2d(8, 16, 3, ranks=3, padding=1, stride=2),
-        Tucker2Conv2d(16, 16, 3, (4, 4), padding=1),
-        TRConv2d(16, 8, 3, ranks=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        TTLinear(32, 16, ranks=4),
-        nn.ReLU(),
-        LowRankLinear(16, 10, 3),
-    )
-
-
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(x)
 
 
-def test_pt2_export_runs_new_inputs_like_the_model(tmp_path):
-    model = small_net().train()
+def test_pt2_export_runs_new_inputs_like_the_model(tmp_path, factorized_net):
+    model = factorized_net().train()
     x = torch.randn(2, 3, 16, 16)
     res = export_model(model, x, tmp_path / "m.pt2")
     assert model.training  # the mode is restored
@@ -68,11 +45,11 @@ def test_pt2_export_runs_new_inputs_like_the_model(tmp_path):
 
 
 @needs_onnx
-def test_onnx_export_runs_new_inputs_like_the_model(tmp_path):
+def test_onnx_export_runs_new_inputs_like_the_model(tmp_path, factorized_net):
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    model = small_net()
+    model = factorized_net()
     res = export_model(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx")
     assert res.format == "onnx" and res.checked_with in ("onnxruntime", "onnx.reference")
     # one self-contained file (the weights inside, no external .data file, nothing temporary)
@@ -84,8 +61,8 @@ def test_onnx_export_runs_new_inputs_like_the_model(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), _eager(model, x2), rtol=1e-4, atol=1e-5)
 
 
-def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch):
-    model = small_net()
+def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch, factorized_net):
+    model = factorized_net()
     x = torch.randn(1, 3, 16, 16)
     path = tmp_path / "m.pt2"
     path.write_bytes(b"an older export")
@@ -117,11 +94,14 @@ def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch):
         ({"example_input": [1.0]}, TypeError, r"example_input must be a torch\.Tensor, got list"),
     ],
 )
-def test_bad_arguments_are_named(tmp_path, kwargs, err, match):
+def test_bad_arguments_are_named(tmp_path, kwargs, err, match, factorized_net):
     args = {"path": "m.pt2", "example_input": torch.randn(1, 3, 16, 16), **kwargs}
     with pytest.raises(err, match=match):
         export_model(
-            small_net(), args["example_input"], tmp_path / args["path"], format=kwargs.get("format")
+            factorized_net(),
+            args["example_input"],
+            tmp_path / args["path"],
+            format=kwargs.get("format"),
         )
     assert not list(tmp_path.iterdir())
 

@@ -101,6 +101,9 @@ class RuntimeConfig:
     threads: int | None = None
     progress: bool = True
     dense_checkpoint: str | None = None  # load dense weights instead of training them
+    # torch.compile the training forward: true (inductor), false, or a torch.compile backend
+    # name; the factorized layers' plans are warmed first, so the graph has no break
+    compile: bool | str = False
 
 
 @dataclass
@@ -204,6 +207,16 @@ def _check_choices(cfg: Config) -> None:
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             raise ValueError(f"{section}.{key} must be one of {list(allowed)}, got {v!r}")
+    c = cfg.runtime.compile
+    if not isinstance(c, bool):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if not isinstance(c, str) or c not in backends:
+            raise ValueError(
+                f"runtime.compile must be true, false or a torch.compile backend "
+                f"(one of {backends}), got {c!r}"
+            )
     for name in ("dense", "admm", "finetune"):
         ph = getattr(cfg, name)
         if not 0.0 <= ph.distill_weight <= 1.0:

@@ -260,13 +260,36 @@ class Pipeline:
         return teacher.eval().requires_grad_(False)
 
     # ---------------------------------------------------------------- phases
+    def _compiled(self, ddp: nn.Module, model: nn.Module, loader: Any) -> nn.Module:
+        """``ddp`` under ``torch.compile`` when ``runtime.compile`` is set (else as is), with
+        the factorized layers' plans warmed for the batch shapes ``loader`` yields (its
+        full batches and its last, smaller one), so the compiled forward has no graph break.
+        Evaluation stays eager."""
+        c = self.cfg.runtime.compile
+        if c is False:
+            return ddp
+        from tdcompress.layers import warm_plans
+
+        images = getattr(loader, "images", None)
+        if images is not None:  # a TensorLoader: its batch sizes are known in advance
+            bs, n = loader.batch_size, loader.num_samples
+            sizes = {bs} if n >= bs else set()
+            if n % bs and not loader.drop_last:
+                sizes.add(n % bs)
+            shapes = [(b, *images.shape[1:]) for b in sorted(sizes)]
+            warm_plans(
+                model, shapes, channels_last=self.cfg.runtime.channels_last, device=self.device
+            )
+        backend = "inductor" if c is True else c
+        return torch.compile(ddp, backend=backend, dynamic=False)
+
     def _train_phase(
         self, name: str, model: nn.Module, phase: PhaseConfig, admm_cfg: Any = None
     ) -> dict[str, Any]:
         """Train ``model`` for ``phase.epochs`` epochs, resumable per epoch from
         ``<name>.ckpt.pt``; with ``admm_cfg`` the ADMM state is trained and saved too."""
         train_loader, test_loader, _ = self.data()
-        ddp = wrap_ddp(model)
+        ddp = self._compiled(wrap_ddp(model), model, train_loader)
         opt = make_optimizer(model.parameters(), phase.optim)
         base_lrs = [g["lr"] for g in opt.param_groups]
         admm = None

@@ -1,5 +1,6 @@
 """Factorized nn.Modules, each with ``from_dense(...)`` and ``to_dense()``."""
 
+from tdcompress.layers._base import warm_plans
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
 from tdcompress.layers.lstm import FactorizedLSTM
 from tdcompress.layers.tr import TRConv2d, TRLinear
@@ -15,4 +16,5 @@ __all__ = [
     "TTConv2d",
     "TTLinear",
     "Tucker2Conv2d",
+    "warm_plans",
 ]

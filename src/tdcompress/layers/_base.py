@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from string import ascii_letters
 from typing import Any, ClassVar
@@ -35,6 +35,8 @@ __all__ = [
     "plan_merge",
     "run_merge",
     "FactorizedLayer",
+    "cache_plan",
+    "warm_plans",
 ]
 
 
@@ -697,15 +699,20 @@ def conv_forward(
         )
     B, _, H, W = (int(v) for v in x.shape)
     # channels_last input: 1x1 stages as convs (GEMMs on the NHWC layout), output NHWC
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last
+    nhwc = (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
     )
     key = (B, H, W, nhwc)
     plan = layer._plans.get(key)
     if plan is None:
         mode = "conv" if nhwc and st.layout == "channel" else None
-        plan = st.plan_conv(B, (H, W), g.output_hw((H, W)), pre_mode=mode, post_mode=mode)
-        _remember(layer, key, plan)
+        plan = cache_plan(
+            layer._plans,
+            key,
+            lambda: st.plan_conv(B, (H, W), g.output_hw((H, W)), pre_mode=mode, post_mode=mode),
+        )
     cores = list(layer.cores)
     conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
     kh, kw = st.kernel_size
@@ -764,10 +771,48 @@ def conv_forward(
 MAX_PLANS = 64
 
 
-def _remember(layer: FactorizedLayer, key: tuple, plan: Any) -> None:
-    if len(layer._plans) >= MAX_PLANS:
-        layer._plans.clear()
-    layer._plans[key] = plan
+@torch.compiler.disable
+def cache_plan(plans: dict, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, stored in a layer's plan cache ``plans`` under ``key``.
+
+    Called on a cache miss only: the lookup itself (``plans.get(key)``) stays in the
+    forward, where ``torch.compile`` traces it as a constant, while planning (a search in
+    plain Python) runs outside the compiled graph. Warm the caches before compiling
+    (:func:`warm_plans`) and the compiled forward has no graph break."""
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan = make()
+    return plan
+
+
+def warm_plans(
+    model: nn.Module,
+    input_shapes: Sequence[Sequence[int]],
+    *,
+    channels_last: bool = False,
+    device: torch.device | str | None = None,
+) -> int:
+    """Run ``model`` once per input shape (zeros, eval mode, no grad; BatchNorm statistics and
+    RNG untouched) so that every factorized layer has its contraction plan for the shapes
+    it will see. Call before ``torch.compile``. Returns the number of factorized layers."""
+    layers = [m for m in model.modules() if hasattr(m, "_plans")]
+    if not layers:
+        return 0
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for shape in input_shapes:
+                x = torch.zeros(tuple(shape), device=device)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                model(x)
+    finally:
+        for m, t in zip(model.modules(), was):
+            m.training = t
+    return len(layers)
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -787,8 +832,7 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
     key = (B,)
     plan = layer._plans.get(key)
     if plan is None:
-        plan = st.plan_linear(B)[0]
-        _remember(layer, key, plan)
+        plan = cache_plan(layer._plans, key, lambda: st.plan_linear(B)[0])
     y = run_steps(plan, [x.reshape(B, *st.inf), *layer.cores])
     y = y.reshape(*lead, g.out_features)
     return y if layer.bias is None else y + layer.bias

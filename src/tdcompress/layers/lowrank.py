@@ -16,7 +16,7 @@ from torch import nn
 import tdcompress.formats.lowrank  # noqa: F401  (registers the "svd" format)
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.lowrank import best_plan, lowrank_plans
-from tdcompress.layers._base import MAX_PLANS, FactorizedLayer
+from tdcompress.layers._base import FactorizedLayer, cache_plan
 
 __all__ = [
     "LowRankLinear",
@@ -108,10 +108,7 @@ class SmallFactorizedLayer(FactorizedLayer):
         """The cached plan for ``key``; ``plans()`` gives the MACs of each plan."""
         plan = self._plans.get(key)
         if plan is None:
-            plan = best_plan(plans())
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+            plan = cache_plan(self._plans, key, lambda: best_plan(plans()))
         return plan
 
     def _shape_repr(self) -> str:
@@ -185,7 +182,7 @@ class LowRankLinear(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have last dimension {g.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
-        rows = math.prod(int(v) for v in x.shape[:-1])
+        rows = math.prod([int(v) for v in x.shape[:-1]])
         plan = self._plan((rows,), lambda: lowrank_plans(g, self.rank, rows))
         A, B = self.cores[0], self.cores[1]
         if plan == "dense":

@@ -1,0 +1,105 @@
+"""torch.compile over the factorized layers: with warmed plan caches the whole forward and
+backward is one graph (fullgraph=True would raise otherwise) and computes what eager does;
+a cold cache costs a graph break at planning, never a wrong answer. `runtime.compile` in the
+pipeline gives the eager run's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tdcompress.config import load_config
+from tdcompress.layers import warm_plans
+from tdcompress.pipeline import Pipeline
+
+
+def _loss_and_grads(model: nn.Module, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_warm_caches_compile_to_one_graph_that_matches_eager(channels_last, factorized_net):
+    torch._dynamo.reset()
+    model = factorized_net().train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn = model[1].running_mean.clone()
+    assert warm_plans(model, [tuple(x.shape)], channels_last=channels_last) == 6
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(model[1].running_mean, bn)  # warm-up leaves BN statistics alone
+    assert all(len(m._plans) == 1 for m in model.modules() if hasattr(m, "_plans"))
+    want, want_g = _loss_and_grads(model, x)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    got, got_g = _loss_and_grads(compiled, x)  # fullgraph: raises on any graph break
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cold_cache_under_compile_plans_outside_the_graph_and_stays_correct(factorized_net):
+    torch._dynamo.reset()
+    model = factorized_net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    for m in model.modules():
+        if hasattr(m, "_plans"):
+            m._plans.clear()
+    explained = torch._dynamo.explain(model)(x)
+    # one break per factorized layer at most (its planning call), none inside the planner
+    assert explained.graph_break_count <= 6
+    assert all("plan_network" not in str(b.user_stack) for b in explained.break_reasons)
+    assert all(len(m._plans) == 1 for m in model.modules() if hasattr(m, "_plans"))
+    with torch.no_grad():
+        got = torch.compile(model, backend="eager", fullgraph=True)(x)  # warm now: one graph
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+CFG = {
+    "name": "tiny-compile",
+    "seed": 0,
+    "data": {"dataset": "synthetic", "batch_size": 48, "eval_batch_size": 256},
+    "model": {"name": "mlp", "kwargs": {"hidden": [32, 32], "num_classes": 4}},
+    "dense": {"epochs": 1, "optim": {"lr": 0.05}},
+    "compress": {"format": "tt", "ranks": 4},
+    "admm": {"epochs": 1, "every_steps": 5, "optim": {"lr": 0.01}},
+    "finetune": {"epochs": 1, "optim": {"lr": 0.01}},
+    "runtime": {"device": "cpu", "progress": False, "threads": 1},
+}
+
+
+def test_pipeline_with_runtime_compile_gives_the_eager_runs_metrics(tmp_path):
+    torch._dynamo.reset()
+    results = {}
+    for name, compile_ in (("eager", False), ("compiled", "eager")):
+        cfg_d = json.loads(json.dumps(CFG))
+        cfg_d["runtime"].update(out_dir=str(tmp_path / name), compile=compile_)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg_d))
+        pipe = Pipeline(load_config(tmp_path / f"{name}.yaml"))
+        results[name] = pipe.run()["evaluate"]
+        recs = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        results[name]["losses"] = [json.loads(r)["train_loss"] for r in recs if r]
+    # TorchDynamo's eager backend runs the captured graphs op by op: the eager run's numbers
+    assert len(results["eager"]["losses"]) == 3
+    assert results["compiled"]["losses"] == pytest.approx(results["eager"]["losses"], rel=1e-6)
+    assert results["compiled"]["finetuned_acc"] == results["eager"]["finetuned_acc"]
+    # the plans are warmed for both batch sizes the loader yields (512 = 10 x 48 + 32)
+    model = pipe.compressed_model()
+    train_loader = pipe.data()[0]
+    assert (train_loader.num_samples, train_loader.batch_size) == (512, 48)
+    compiled = pipe._compiled(model, model, train_loader)
+    assert compiled is not model
+    keys = {k for m in model.modules() if hasattr(m, "_plans") for k in m._plans}
+    assert keys == {(48,), (32,)}
+    with pytest.raises(ValueError, match=r"runtime\.compile must be true, false or a torch"):
+        load_config(None, ["runtime.compile=nonsense"])
