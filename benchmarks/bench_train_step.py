@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats,
             "machine": platform.machine(),
             "loadavg": list(os.getloadavg()),
-            "command": "python benchmarks/bench_train_step.py " + " ".join(argv or []),
+            "command": "python benchmarks/bench_train_step.py "
+            + " ".join(sys.argv[1:] if argv is None else argv),
         },
         "rows": rows,
     }

@@ -93,11 +93,11 @@ def budget(key: str) -> int:
     return 90 if key.endswith("_e90") else 30
 
 
-def dense_run(key: str) -> str | None:
+def dense_run(key: str, sets: list[str] | None = None) -> str | None:
     """The dense run that ``key`` is compared with: for a compressed run, the one whose model
     it starts from; for a dense variant (fp32), the bf16 baseline of the same model and
     budget; None for those baselines."""
-    cfg = run_config(key)
+    cfg = run_config(key, sets)
     if RUNS[key][1] == "dense":
         base = f"{cfg.model.name}_dense" + ("_e90" if budget(key) == 90 else "")
         return base if base != key and base in RUNS else None
@@ -106,16 +106,15 @@ def dense_run(key: str) -> str | None:
     return name if name in RUNS and RUNS[name][1] == "dense" else None
 
 
-def dependencies(key: str) -> list[str]:
-    """The dense runs whose model ``key`` starts from (its ``runtime.dense_checkpoint``). A
-    from-scratch run starts at once: it reads the dense model only at its evaluate stage
-    (``pipeline.dense_weights_unused``), long after the dense run of the same budget ends."""
+def dependencies(key: str, sets: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The dense runs ``key`` needs (its ``runtime.dense_checkpoint``): ``(before it starts,
+    before its evaluate stage)``. A from-scratch run (``pipeline.dense_weights_unused``) needs
+    the dense model only at its evaluate stage, so it may start at once."""
     if RUNS[key][1] == "dense":  # a dense variant is compared with, not started from, a run
-        return []
-    if dense_weights_unused(run_config(key)):
-        return []
-    d = dense_run(key)
-    return [d] if d else []
+        return [], []
+    d = dense_run(key, sets)
+    need = [d] if d else []
+    return ([], need) if dense_weights_unused(run_config(key, sets)) else (need, [])
 
 
 def _argv(key: str, data_root: str, sets: list[str]) -> list[str]:
@@ -141,12 +140,17 @@ def _launch(key: str, argv: list[str], log: Path | None) -> subprocess.Popen:
 def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None:
     """Run the configs, resuming each, at most ``jobs`` at a time, in the given order except
     that a compressed run starts only after the dense run it loads
-    (``runtime.dense_checkpoint``) has finished, if that run is among ``keys``. With
-    ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
+    (``runtime.dense_checkpoint``) has finished, if that run is among ``keys`` (a
+    from-scratch run starts at once and, should it reach its evaluate stage first, is rerun
+    after it). With ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     order = list(dict.fromkeys(keys))
-    deps = {k: [d for d in dependencies(k) if d in order] for k in order}
+    deps, late = {}, {}
+    for k in order:
+        start, evaluate = dependencies(k, sets)
+        deps[k] = [d for d in start if d in order]
+        late[k] = [d for d in evaluate if d in order]
     pending, running = list(order), {}
     finished: set[str] = set()
     failed: dict[str, str] = {}
@@ -176,6 +180,12 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
             if rc == 0:
                 finished.add(k)
                 print(f"== {k}: finished", flush=True)
+            elif late[k] and not all(d in finished for d in late[k]):
+                # a from-scratch run outran its dense run and stopped at its evaluate stage:
+                # rerun it (every trained stage is kept) once that run has finished
+                deps[k], late[k] = late[k], []
+                pending.append(k)
+                print(f"== {k}: exit code {rc}; reruns after {', '.join(deps[k])}", flush=True)
             else:
                 failed[k] = f"exit code {rc}"
                 print(f"== {k}: FAILED with exit code {rc}", flush=True)

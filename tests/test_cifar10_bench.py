@@ -130,15 +130,17 @@ class _FakeProc:
 
 
 def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench, monkeypatch):
-    assert bench.dependencies("resnet32_tt_5.8x") == ["resnet32_dense"]
-    assert bench.dependencies("resnet20_dense") == []
+    assert bench.dependencies("resnet32_tt_5.8x") == (["resnet32_dense"], [])
+    assert bench.dependencies("resnet20_dense") == ([], [])
     # from scratch: compared with the dense run, but not started from it, so it starts at once
     for key, dense in [
         ("resnet20_tt_6.8x_scratch", "resnet20_dense"),
         ("resnet20_tt_6.8x_scratch_e90", "resnet20_dense_e90"),
     ]:
-        assert bench.dependencies(key) == [] and bench.dense_run(key) == dense
-    assert bench.dependencies("resnet20_tt_6.8x_dtf_e90") == ["resnet20_dense_e90"]
+        assert bench.dependencies(key) == ([], [dense]) and bench.dense_run(key) == dense
+        # unless the command line makes it read the dense weights (here: an ADMM phase)
+        assert bench.dependencies(key, ["admm.epochs=1"]) == ([dense], [])
+    assert bench.dependencies("resnet20_tt_6.8x_dtf_e90") == (["resnet20_dense_e90"], [])
     events: list = []
     rcs = {"resnet32_dense": 1}  # the ResNet-32 baseline fails
 
@@ -175,3 +177,23 @@ def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench
     keys = ["resnet20_dense_e90", "resnet20_tt_6.8x_e90", "resnet20_tt_6.8x_scratch_e90"]
     bench.run(keys, "data", [], jobs=2)
     assert [k for e, k in events if e == "start"] == [keys[0], keys[2], keys[1]]
+    # a from-scratch run that reaches its evaluate stage before its dense run has finished
+    # stops there (exit code 1) and is rerun once it has
+    events.clear()
+    rcs = {"resnet20_tt_6.8x_scratch_e90": 1}
+
+    def launch_scratch_fast(key, argv, log):
+        events.append(("start", key))
+        rc = rcs.pop(key, 0)  # fails the first time only
+        return _FakeProc(rc, 2 if key.endswith("scratch_e90") else 6, events, key)
+
+    monkeypatch.setattr(bench, "_launch", launch_scratch_fast)
+    bench.run(["resnet20_dense_e90", "resnet20_tt_6.8x_scratch_e90"], "data", [], jobs=2)
+    assert events == [
+        ("start", "resnet20_dense_e90"),
+        ("start", "resnet20_tt_6.8x_scratch_e90"),
+        ("end", "resnet20_tt_6.8x_scratch_e90"),
+        ("end", "resnet20_dense_e90"),
+        ("start", "resnet20_tt_6.8x_scratch_e90"),
+        ("end", "resnet20_tt_6.8x_scratch_e90"),
+    ]

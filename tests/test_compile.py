@@ -35,6 +35,8 @@ def test_warm_caches_compile_to_one_graph_that_matches_eager(channels_last, fact
         x = x.contiguous(memory_format=torch.channels_last)
     bn = model[1].running_mean.clone()
     assert warm_plans(model, [tuple(x.shape)], channels_last=channels_last) == 6
+    half = factorized_net().to(torch.bfloat16)  # zeros of the model's own dtype
+    assert warm_plans(half, [(2, 3, 16, 16)]) == 6
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(model[1].running_mean, bn)  # warm-up leaves BN statistics alone
     assert all(len(m._plans) == 1 for m in model.modules() if hasattr(m, "_plans"))
@@ -80,15 +82,21 @@ CFG = {
 
 def test_pipeline_with_runtime_compile_gives_the_eager_runs_metrics(tmp_path):
     torch._dynamo.reset()
-    results = {}
+    results, graphs = {}, {}
     for name, compile_ in (("eager", False), ("compiled", "eager")):
+        torch._dynamo.utils.counters.clear()
         cfg_d = json.loads(json.dumps(CFG))
         cfg_d["runtime"].update(out_dir=str(tmp_path / name), compile=compile_)
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg_d))
         pipe = Pipeline(load_config(tmp_path / f"{name}.yaml"))
         results[name] = pipe.run()["evaluate"]
+        graphs[name] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         recs = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         results[name]["losses"] = [json.loads(r)["train_loss"] for r in recs if r]
+    # the training forward was compiled: one graph per architecture (dense: the dense and
+    # ADMM phases share it; TT: fine-tuning) and batch shape (48 and the last batch, 32);
+    # evaluation stays eager
+    assert graphs == {"eager": 0, "compiled": 4}
     # TorchDynamo's eager backend runs the captured graphs op by op: the eager run's numbers
     assert len(results["eager"]["losses"]) == 3
     assert results["compiled"]["losses"] == pytest.approx(results["eager"]["losses"], rel=1e-6)

@@ -30,9 +30,11 @@ def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def test_pt2_export_runs_new_inputs_like_the_model(tmp_path, factorized_net):
     model = factorized_net().train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
     x = torch.randn(2, 3, 16, 16)
     res = export_model(model, x, tmp_path / "m.pt2")
-    assert model.training  # the mode is restored
+    # every module's own mode is restored
+    assert model.training and not model[1].training and model[3].training
     assert res.format == "pt2" and res.checked_with == "torch.export.load"
     assert res.max_abs_diff is not None and res.max_abs_diff <= 1e-4
     assert res.params == sum(p.numel() for p in model.parameters())
@@ -92,6 +94,11 @@ def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch, factorized_net)
             r"format must be one of \['onnx', 'pt2'\], got 'tflite'",
         ),
         ({"example_input": [1.0]}, TypeError, r"example_input must be a torch\.Tensor, got list"),
+        (
+            {"path": "m.onnx", "format": "pt2"},
+            ValueError,
+            r"path .*m\.onnx.* suffix of format 'onnx' but format is 'pt2'; name the file \*\.pt2",
+        ),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, err, match, factorized_net):
@@ -125,7 +132,7 @@ def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    # before the fine-tuning stage has run: a clear error, nothing written
+    # before the fine-tuning stage has run: a clear error, no model file written
     assert main(["export", str(path)]) == 2
     assert "finetuned.pt' does not exist: run the finetune stage" in capsys.readouterr().err
     assert main(["pipeline", str(path)]) == 0

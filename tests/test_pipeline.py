@@ -103,28 +103,22 @@ def test_resume_after_kill_gives_same_final_metrics(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_two_process_gloo_run(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "ddp")
+def torchrun(port: int, *args: str) -> subprocess.CompletedProcess:
+    """``args`` under ``torch.distributed.run`` with two CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29533",
-            "-m",
-            "tdcompress",
-            "pipeline",
-            str(cfg),
-        ],
+    return subprocess.run(
+        [*cmd, "--master-port", str(port), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_two_process_gloo_run(tmp_path):
+    cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "ddp")
+    p = torchrun(29533, "-m", "tdcompress", "pipeline", str(cfg))
     assert p.returncode == 0, p.stdout + p.stderr
     done = json.loads((tmp_path / "ddp" / "state.json").read_text())["done"]
     # each rank trained on half of every epoch (batch 32 per rank): above chance (0.25),
@@ -132,6 +126,22 @@ def test_two_process_gloo_run(tmp_path):
     assert done["train"]["test_acc"] > 0.4
     assert done["evaluate"]["finetuned_acc"] > 0.35
     assert done["evaluate"]["compressed_params"] < done["evaluate"]["dense_params"]
+
+
+def test_main_says_gives_every_rank_rank_0s_answer(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(
+        "import json, sys\n"
+        "from tdcompress.train.distributed import init_distributed, main_says, rank\n"
+        "init_distributed()\n"
+        "r = rank()\n"
+        "out = [main_says(r == 0), main_says(r == 1), main_says(True), main_says(False)]\n"
+        "open(sys.argv[1] + f'.{r}', 'w').write(json.dumps(out))\n"
+    )
+    p = torchrun(29534, str(script), str(tmp_path / "out"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    for r in (0, 1):  # each rank asked with its own view; both get rank 0's
+        assert json.loads((tmp_path / f"out.{r}").read_text()) == [True, False, True, False]
 
 
 def test_unknown_config_keys_are_rejected_with_the_valid_ones(tmp_path, capsys):
@@ -200,6 +210,14 @@ def test_from_scratch_run_waits_for_its_dense_checkpoint_only_at_evaluate(tmp_pa
     cfg = load_config(
         write_cfg(tmp_path / "s.yaml", tmp_path / "s", compress=scratch, **fast), sets
     )
+    Pipeline(cfg).run(("train", "plan", "admm", "decompose"))
+    # before evaluate, the run folder has no dense model: exporting it or turning on
+    # distillation from it (a setting of a stage not yet started) is refused, saying why
+    with pytest.raises(FileNotFoundError, match=r"deferred the dense model .*dense\.pt"):
+        Pipeline(cfg).export(weights="dense", format="pt2")
+    distill = load_config(tmp_path / "s.yaml", [*sets, "finetune.distill_weight=0.5"])
+    with pytest.raises(FileNotFoundError, match=r"deferred its dense model .*--force"):
+        Pipeline(distill).run()
     # trained without the dense model, which is still missing: evaluate refuses, naming it
     with pytest.raises(
         FileNotFoundError, match=r"dense_checkpoint .*dense\.pt.* does not exist yet"

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         try:
             res = pipe.export(args.output, args.format, args.weights, args.batch_size)
-        except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as e:
             print(f"tdcompress: error: {e}", file=sys.stderr)
             return 2
         print(res.summary())

@@ -83,6 +83,13 @@ def export_model(
         format = by_suffix[path.suffix]
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format must be one of {sorted(EXPORT_FORMATS)}, got {format!r}")
+    other = {s: f for f, s in EXPORT_FORMATS.items() if f != format}
+    if path.suffix in other:
+        raise ValueError(
+            f"path {str(path)!r} has the suffix of format {other[path.suffix]!r} but format is "
+            f"{format!r}; name the file *{EXPORT_FORMATS[format]} or pass "
+            f"format={other[path.suffix]!r}"
+        )
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     if format == "onnx":
@@ -94,7 +101,7 @@ def export_model(
             f"example_input is on {example_input.device} but the model is on "
             f"{params.device}; move one of them"
         )
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     # written under its final name in a private folder beside ``path``: ONNX may add a
@@ -141,7 +148,8 @@ def export_model(
             os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-        model.train(was_training)
+        for m, training in modes:  # each module's own mode back
+            m.training = training
     files = tuple(path.parent / f.name for f in written)
     return ExportResult(
         path=path,

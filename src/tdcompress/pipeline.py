@@ -35,6 +35,7 @@ from tdcompress.train.distributed import (
     default_device,
     init_distributed,
     is_main,
+    main_says,
     rank,
     world_size,
     wrap_ddp,
@@ -249,6 +250,14 @@ class Pipeline:
 
     def _dense_from(self, checkpoint: str) -> nn.Module:
         """The dense architecture holding the weights of ``out_dir/checkpoint``."""
+        deferred = self.state()["done"].get("train", {}).get("deferred")
+        if checkpoint == "dense.pt" and deferred and not (self.out / checkpoint).exists():
+            raise FileNotFoundError(
+                f"this run's train stage deferred its dense model ({deferred!r} did not exist "
+                "and a from-scratch run does not read it), but the settings now need its "
+                "weights (ADMM or distillation): once that file exists, rerun the train stage "
+                "with --force (`tdcompress train <config> --force`), then the rest"
+            )
         model = self.dense_model()
         model.load_state_dict(load_checkpoint(self.out / checkpoint, self.device)["model"])
         return model
@@ -384,10 +393,10 @@ class Pipeline:
         model = self.dense_model()
         if self.cfg.runtime.dense_checkpoint:
             path = Path(self.cfg.runtime.dense_checkpoint)
-            if not path.is_file():
+            if not main_says(path.is_file(), self.device):  # the ranks must agree
                 if dense_weights_unused(self.cfg):
                     # from scratch: the dense run may still be training; its accuracy is read
-                    # at the evaluate stage, which waits for it (see stage_evaluate)
+                    # at the evaluate stage, which refuses until it exists (stage_evaluate)
                     if is_main():
                         print(
                             f"[train] runtime.dense_checkpoint {str(path)!r} not there yet: "
@@ -499,7 +508,7 @@ class Pipeline:
     def _deferred_dense_acc(self, path: Path) -> float:
         """The accuracy of the dense checkpoint a from-scratch run deferred at its train
         stage; refuses (keeping every trained stage) while it is still missing."""
-        if not path.is_file():
+        if not main_says(path.is_file(), self.device):  # the ranks must agree
             raise FileNotFoundError(
                 f"runtime.dense_checkpoint {str(path)!r} does not exist yet: this from-scratch "
                 "run has trained, but its evaluation compares with that dense model. Train "
@@ -577,6 +586,13 @@ class Pipeline:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         ckpt = self.out / f"{weights}.pt"
+        deferred = self.state()["done"].get("train", {}).get("deferred")
+        if weights == "dense" and deferred and not ckpt.is_file():
+            raise FileNotFoundError(
+                f"{str(ckpt)!r} does not exist: this from-scratch run's train stage deferred "
+                f"the dense model ({deferred!r}); its evaluate stage copies it here, or export "
+                "it from the run that trained it"
+            )
         if not ckpt.is_file():
             raise FileNotFoundError(
                 f"{str(ckpt)!r} does not exist: run the {stage[weights]} stage of this config "
@@ -643,7 +659,8 @@ def dense_weights_unused(cfg: Config) -> bool:
     """True when no stage before the evaluation reads the trained dense weights: the
     factorized model from scratch (``compress.init: random``), no ADMM phase and no
     distillation. The dense model is then only the reference accuracy of the report, so a
-    missing ``runtime.dense_checkpoint`` is waited for at the evaluate stage, not at train."""
+    missing ``runtime.dense_checkpoint`` is needed only at the evaluate stage, not at train
+    (which records the train stage as deferred)."""
     return (
         cfg.compress.init == "random" and cfg.admm.epochs == 0 and not cfg.finetune.distill_weight
     )

@@ -792,20 +792,23 @@ def warm_plans(
     channels_last: bool = False,
     device: torch.device | str | None = None,
 ) -> int:
-    """Run ``model`` once per input shape (zeros, eval mode, no grad; BatchNorm statistics and
-    RNG untouched) so that every factorized layer has its contraction plan for the shapes
-    it will see. Call before ``torch.compile``. Returns the number of factorized layers."""
+    """Run ``model`` once per input shape (zeros of its parameters' dtype, on ``device`` or
+    theirs; eval mode, no grad; BatchNorm statistics and RNG untouched) so that every
+    factorized layer has its contraction plan for the shapes it will see. Call before
+    ``torch.compile``. Returns the number of factorized layers."""
     layers = [m for m in model.modules() if hasattr(m, "_plans")]
     if not layers:
         return 0
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
     if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
     was = [m.training for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             for shape in input_shapes:
-                x = torch.zeros(tuple(shape), device=device)
+                x = torch.zeros(tuple(shape), device=device, dtype=dtype)
                 if channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 model(x)

@@ -78,6 +78,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def main_says(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's ``flag`` on every rank (for decisions, such as whether a file exists, that
+    the ranks must take alike); ``flag`` itself outside a process group."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag) if is_main() else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(t.item())
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
