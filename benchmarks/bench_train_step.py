@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import tdcompress as tdc
 from tdcompress.models import build_model
+from tdcompress.train.checkpoint import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
@@ -133,10 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['model']:9} {r['variant']:10} {r['mode']:18} {r['ms_per_step']:8.1f} "
             f"{r['images_per_s']:7.0f} {r['speedup_vs_fp32']:6.2f}x{extra}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps(doc, indent=2))
     return doc
 
 
