@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 
 import pytest
 import torch
@@ -135,8 +136,14 @@ def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
     # before the fine-tuning stage has run: a clear error, no model file written
     assert main(["export", str(path)]) == 2
     assert "finetuned.pt' does not exist: run the finetune stage" in capsys.readouterr().err
-    assert main(["pipeline", str(path)]) == 0
-    assert main(["export", str(path), "--format", "pt2", "--batch-size", "3"]) == 0
+    assert main(["pipeline", str(path), "--set", "finetune.epochs=1"]) == 0
+    # the pipeline ends by naming the export command for this run (its options included)
+    out = capsys.readouterr().out.splitlines()
+    hint = next(x for x in out if x.startswith("export: ")).removeprefix("export: ")
+    argv = shlex.split(hint.split("  (or")[0])
+    assert argv[:3] == ["tdcompress", "export", str(path)] and "finetune.epochs=1" in argv
+    argv = ["pt2" if a == "onnx" else a for a in argv[1:]]
+    assert main([*argv, "--batch-size", "3"]) == 0
     assert "model.pt2 (pt2" in capsys.readouterr().out
     from tdcompress.config import load_config
     from tdcompress.pipeline import Pipeline

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -100,7 +101,20 @@ def main(argv: list[str] | None = None) -> int:
             w = max(len(a) for a, _ in rows)
             print("\n" + "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows))
             print(f"\nreport: {pipe.out / 'report.md'}")
+            print(f"export: {_export_command(args)}")
     return 0
+
+
+def _export_command(args: argparse.Namespace) -> str:
+    """The ``tdcompress export`` command for the run just made (same config and options)."""
+    words = ["tdcompress", "export", str(DEMO_CONFIG if args.command == "demo" else args.config)]
+    for s in args.set:
+        words += ["--set", s]
+    if args.data_root:
+        words += ["--data-root", args.data_root]
+    if args.out_dir:
+        words += ["--out-dir", args.out_dir]
+    return shlex.join([*words, "--format", "onnx"]) + "  (or --format pt2)"
 
 
 if __name__ == "__main__":
