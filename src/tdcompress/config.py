@@ -64,6 +64,9 @@ class PhaseConfig:
     # loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher_T || student_T)
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
+    # cross-entropy against (1 - e) one-hot + e uniform targets (Szegedy et al.; the
+    # authors' public code trains its CIFAR models with e = 0.1); 0 = plain cross-entropy
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -219,6 +222,10 @@ def _check_choices(cfg: Config) -> None:
             )
     for name in ("dense", "admm", "finetune"):
         ph = getattr(cfg, name)
+        if not 0.0 <= ph.label_smoothing < 1.0:
+            raise ValueError(
+                f"{name}.label_smoothing must be in [0, 1), got {ph.label_smoothing!r}"
+            )
         if not 0.0 <= ph.distill_weight <= 1.0:
             raise ValueError(f"{name}.distill_weight must be in [0, 1], got {ph.distill_weight!r}")
         if not ph.distill_temperature > 0:

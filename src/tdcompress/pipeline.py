@@ -345,6 +345,7 @@ class Pipeline:
                 teacher=teacher,
                 distill_weight=phase.distill_weight,
                 distill_temperature=phase.distill_temperature,
+                label_smoothing=phase.label_smoothing,
             )
             if not math.isfinite(tr["loss"]):
                 kept = f"{ckpt} (after epoch {epoch})" if ckpt.exists() else "none"

@@ -72,11 +72,13 @@ def train_epoch(
     teacher: nn.Module | None = None,
     distill_weight: float = 0.0,
     distill_temperature: float = 4.0,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """One pass over ``loader`` with cross-entropy (+ the ADMM penalty when ``admm`` is
     given; its Z/U updates run through ``admm.step()`` per its schedule). With a
     ``teacher`` and ``distill_weight`` w > 0 the data term is
-    ``(1 - w) * CE + w * distillation_loss(student, teacher, distill_temperature)``.
+    ``(1 - w) * CE + w * distillation_loss(student, teacher, distill_temperature)``; CE uses
+    ``label_smoothing`` (0: plain cross-entropy), and the returned loss is that CE.
     Loss (the cross-entropy) and accuracy are accumulated on the device and synchronised
     every 20 steps for display. Returns mean loss, accuracy and the sample count over all
     ranks."""
@@ -95,7 +97,7 @@ def train_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_context(device, amp):
             out = model(x)
-            loss = F.cross_entropy(out.float(), y)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
             if distill:
                 with torch.no_grad():
                     soft = teacher(x)
