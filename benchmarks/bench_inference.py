@@ -100,12 +100,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true", help="add channels_last + torch.compile")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/inference.json")
     args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if any(b < 1 for b in args.batches):
         raise SystemExit(f"--batches must be >= 1, got {args.batches}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    args.batches = list(dict.fromkeys(args.batches))
     torch.set_num_threads(args.threads)
+    if not args.compile:
+        return _run(args)
     # every (model, batch) case is its own compile of the same forward code; the default
     # limit (8 per code object) would silently leave the later cases eager
-    torch._dynamo.config.recompile_limit = 1024
+    with torch._dynamo.config.patch(cache_size_limit=1024):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict:
     modes = ["NCHW", "channels_last"] + (["channels_last compiled"] if args.compile else [])
     fns, info, compile_s, times = {}, {}, {}, {}
     for name in args.models:
@@ -147,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats,
             "machine": platform.machine(),
             "loadavg": list(os.getloadavg()),
-            "command": "python benchmarks/bench_inference.py "
-            + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": "python benchmarks/bench_inference.py " + " ".join(args.argv),
+            "date": time.strftime("%Y-%m-%d"),
         },
         "rows": rows,
     }

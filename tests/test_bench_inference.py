@@ -44,8 +44,12 @@ def test_one_quick_run_has_a_row_per_case(bench, tmp_path):
     rows = doc["rows"]
     assert len(rows) == 4 * 2  # variants x modes (no --compile)
     assert {r["mode"] for r in rows} == {"NCHW", "channels_last"}
-    assert all(r["speedup_vs_dense"] == 1.0 for r in rows if r["variant"] == "dense")
+    dense = {(r["batch"], r["mode"]): r["ms"] for r in rows if r["variant"] == "dense"}
+    for r in rows:  # each row against the dense model in the same batch and mode
+        assert r["speedup_vs_dense"] == pytest.approx(dense[(r["batch"], r["mode"])] / r["ms"])
     assert all(r["ms"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert json.loads((tmp_path / "i.json").read_text())["rows"] == rows
     with pytest.raises(SystemExit, match="--batches must be >= 1"):
         bench.main(["--batches", "0", "--out", str(tmp_path / "j.json")])
+    with pytest.raises(SystemExit, match="--repeats must be >= 1, got 0"):
+        bench.main(["--repeats", "0", "--out", str(tmp_path / "j.json")])
