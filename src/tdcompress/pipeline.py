@@ -413,14 +413,24 @@ class Pipeline:
                     f"runtime.dense_checkpoint {str(path)!r} does not exist: train the dense "
                     "model first (e.g. `tdcompress train <its dense config>`) or unset it"
                 )
-            st = load_checkpoint(path, map_location=self.device)
-            model.load_state_dict(st.get("model", st))
+            self._load_dense_checkpoint(model, path)
         else:
             self._train_phase("dense", model, self.cfg.dense)
-        ev = evaluate(model, self.data()[1], device=self.device)
+        self._mark_done("train", {"test_acc": self._keep_dense(model), "params": _params(model)})
+
+    def _load_dense_checkpoint(self, model: nn.Module, path: Path) -> nn.Module:
+        """``model`` holding the weights of the dense checkpoint ``path`` (a training
+        checkpoint or a bare state dict)."""
+        st = load_checkpoint(path, map_location=self.device)
+        model.load_state_dict(st.get("model", st))
+        return model
+
+    def _keep_dense(self, model: nn.Module) -> float:
+        """Save ``model`` as the run's ``dense.pt``; its test accuracy (fp32)."""
+        acc = evaluate(model, self.data()[1], device=self.device)["acc"]
         if is_main():
             save_checkpoint(self.out / "dense.pt", {"model": model.state_dict()})
-        self._mark_done("train", {"test_acc": ev["acc"], "params": _params(model)})
+        return acc
 
     def stage_plan(self) -> CompressionPlan:
         model = self.dense_model()
@@ -516,13 +526,7 @@ class Pipeline:
                 "it (`tdcompress train <its dense config>`), then rerun the same command "
                 "(the finished stages are kept)"
             )
-        model = self.dense_model()
-        st = load_checkpoint(path, map_location=self.device)
-        model.load_state_dict(st.get("model", st))
-        acc = evaluate(model, self.data()[1], device=self.device)["acc"]
-        if is_main():
-            save_checkpoint(self.out / "dense.pt", {"model": model.state_dict()})
-        return acc
+        return self._keep_dense(self._load_dense_checkpoint(self.dense_model(), path))
 
     def stage_evaluate(self) -> dict[str, Any]:
         st = self.state()["done"]
