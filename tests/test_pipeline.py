@@ -128,13 +128,18 @@ def test_two_process_gloo_run(tmp_path):
     assert done["evaluate"]["compressed_params"] < done["evaluate"]["dense_params"]
 
 
-def test_main_says_gives_every_rank_rank_0s_answer(tmp_path):
+def test_main_says_gives_every_rank_rank_0s_answer_and_the_group_ends_at_exit(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(
-        "import json, sys\n"
+        "import atexit, json, os, sys\n"
+        "import torch.distributed as dist\n"
         "from tdcompress.train.distributed import init_distributed, main_says, rank\n"
+        "r = int(os.environ['RANK'])\n"
+        "# atexit runs last-in first-out: this runs after init_distributed's own handler\n"
+        "atexit.register(lambda: open(sys.argv[1] + f'.{r}.exit', 'w').write(\n"
+        "    str(dist.is_initialized())))\n"
         "init_distributed()\n"
-        "r = rank()\n"
+        "assert rank() == r\n"
         "out = [main_says(r == 0), main_says(r == 1), main_says(True), main_says(False)]\n"
         "open(sys.argv[1] + f'.{r}', 'w').write(json.dumps(out))\n"
     )
@@ -142,6 +147,8 @@ def test_main_says_gives_every_rank_rank_0s_answer(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     for r in (0, 1):  # each rank asked with its own view; both get rank 0's
         assert json.loads((tmp_path / f"out.{r}").read_text()) == [True, False, True, False]
+        # the process group was destroyed before exit (a live gloo group can abort it)
+        assert (tmp_path / f"out.{r}.exit").read_text() == "False"
 
 
 def test_unknown_config_keys_are_rejected_with_the_valid_ones(tmp_path, capsys):

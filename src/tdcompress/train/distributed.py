@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -30,7 +31,9 @@ def default_device() -> torch.device:
 
 
 def init_distributed() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); no-op otherwise."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1); no-op otherwise. A group
+    joined here is destroyed at exit (:func:`cleanup`): a process that exits with gloo's
+    threads still running can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -39,6 +42,7 @@ def init_distributed() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(default_device())
     dist.init_process_group(backend=backend)
+    atexit.register(cleanup)
     return True
 
 
@@ -89,5 +93,6 @@ def main_says(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def cleanup() -> None:
+    """Leave and destroy the process group, if one is up (safe to call twice)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
