@@ -70,19 +70,76 @@ def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch, factorized_net)
     path = tmp_path / "m.pt2"
     path.write_bytes(b"an older export")
 
-    def wrong(p, fmt, inp):
-        return _eager(model, inp) + 0.01, "a broken runtime"
+    def wrong(p, fmt, inputs):
+        return [_eager(model, x) + 0.01 for x in inputs], "a broken runtime"
 
     monkeypatch.setattr(export_mod, "_run_exported", wrong)
     with pytest.raises(RuntimeError, match=r"differs from the model by up to 0\.01.*broken"):
         export_model(model, x, path)
     assert path.read_bytes() == b"an older export"  # left as it was
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
-    monkeypatch.setattr(export_mod, "_run_exported", lambda p, f, i: (torch.zeros(3), "x"))
+    monkeypatch.setattr(export_mod, "_run_exported", lambda p, f, i: ([torch.zeros(3)], "x"))
     with pytest.raises(RuntimeError, match=r"output of shape \(3,\), the model \(1, 10\)"):
         export_model(model, x, path)
     res = export_model(model, x, path, check=False)  # unchecked: written, and says so
     assert res.checked_with is None and "not checked" in res.summary()
+
+
+@pytest.mark.parametrize("example_batch", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pt2_dynamic_batch_runs_any_batch_size(
+    tmp_path, factorized_net, example_batch, channels_last
+):
+    model = factorized_net()
+    x = torch.randn(example_batch, 3, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    res = export_model(model, x, tmp_path / "m.pt2", dynamic_batch=True)
+    # checked at the example's batch size and one more (1, or 3 after a batch-1 example)
+    assert res.dynamic_batch and res.checked_batch_sizes == (
+        example_batch,
+        3 if example_batch == 1 else 1,
+    )
+    assert "input (N, 3, 16, 16)" in res.summary() and "at batch sizes" in res.summary()
+    run = torch.export.load(tmp_path / "m.pt2").module()
+    for n in (1, 2, 5):  # batch sizes the export never saw, on fresh data
+        xn = torch.randn(n, 3, 16, 16)
+        if channels_last:
+            xn = xn.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(run(xn), _eager(model, xn), rtol=1e-5, atol=1e-5)
+    # without dynamic_batch the graph refuses another batch size
+    export_model(model, x, tmp_path / "s.pt2")
+    with pytest.raises(AssertionError, match=r"size\(\)\[0\] == " + str(example_batch)):
+        torch.export.load(tmp_path / "s.pt2").module()(torch.randn(example_batch + 1, 3, 16, 16))
+
+
+@needs_onnx
+def test_onnx_dynamic_batch_runs_any_batch_size(tmp_path, factorized_net):
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = factorized_net()
+    res = export_model(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", dynamic_batch=True)
+    assert res.checked_batch_sizes == (2, 1)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value  # a named, free dimension
+    ref = ReferenceEvaluator(proto)
+    for n in (1, 5):
+        xn = torch.randn(n, 3, 16, 16)
+        got = ref.run(None, {proto.graph.input[0].name: xn.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), _eager(model, xn), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_batch_needs_a_batch_dimension(tmp_path, factorized_net):
+    with pytest.raises(
+        ValueError, match=r"dynamic_batch needs .* size >= 1, got shape \(0, 3, 16, 16\)"
+    ):
+        export_model(
+            factorized_net(), torch.randn(0, 3, 16, 16), tmp_path / "m.pt2", dynamic_batch=True
+        )
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -167,6 +224,15 @@ def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
     dense.load_state_dict(load_checkpoint(p.out / "dense.pt", "cpu")["model"])
     got = torch.export.load(out).module()(x)
     torch.testing.assert_close(got, _eager(dense, x), rtol=1e-5, atol=1e-5)
+    # any batch size: the compressed model, planned for batch 4, run at 1 and 3
+    out = tmp_path / "any.pt2"
+    argv = ["export", str(path), "--format", "pt2", "--output", str(out), "--batch-size", "4"]
+    assert main([*argv, "--dynamic-batch"]) == 0
+    assert "input (N, " in capsys.readouterr().out
+    for n in (1, 3):
+        xn = torch.randn(n, *p.input_shape()[1:])
+        got = torch.export.load(out).module()(xn)
+        torch.testing.assert_close(got, _eager(model, xn), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         p.export(batch_size=0)
     with pytest.raises(ValueError, match=r"weights must be one of .*got 'admm'"):

@@ -307,6 +307,32 @@ def test_plan_choice_is_cheapest_by_brute_force() -> None:
         best = None
 
 
+@pytest.mark.parametrize("plan_at", [2, 4, 64])
+def test_a_plan_with_a_batch_label_runs_any_batch_size(plan_at) -> None:
+    """Programs leave the batch to run time (-1): a plan made for one batch size gives
+    einsum's answer at others (every mm/bmm/mm_left kind), and planning needs size >= 2."""
+    from tdcompress.layers._base import plan_network, run_steps
+
+    torch.manual_seed(0)
+    layer = TRLinear(24, 30, 3, out_factors=(5, 6), in_factors=(4, 6)).double()
+    st = layer.structure
+    sizes = dict(st.sizes, B=plan_at)
+    ops = [("B", *st.I), *st.labels]
+    prog, _ = plan_network(ops, ("B", *st.O), sizes, act=True, batch="B")
+    kinds = {op.kind for op in prog.ops}
+    assert kinds & {"mm", "bmm", "mm_left"}  # the activation steps are the matrix kinds
+    letters = {lab: chr(97 + k) for k, lab in enumerate(dict.fromkeys(sum(ops, ())))}
+    eq = ",".join("".join(letters[x] for x in o) for o in ops)
+    eq += "->" + "".join(letters[x] for x in ("B", *st.O))
+    for n in (1, 3, plan_at, 9):
+        x = torch.randn(n, *st.inf, dtype=D)
+        want = torch.einsum(eq, x, *layer.cores)
+        got = run_steps(prog, [x, *layer.cores]).reshape(want.shape)
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match=r"batch label 'B' must have a size >= 2 .* got 1"):
+        plan_network(ops, ("B", *st.O), dict(st.sizes, B=1), act=True, batch="B")
+
+
 def test_gradcheck_every_conv_plan() -> None:
     """Gradients are right for every plan a TR conv (closing rank > 1) can run."""
     torch.manual_seed(0)

@@ -60,7 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=1,
-        help="samples per input; the graph is specialised to it (default: 1)",
+        help="samples per input; the graph is specialised to it unless --dynamic-batch "
+        "(default: 1)",
+    )
+    ex.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="let the graph take any batch size (the factorized layers keep the contraction "
+        "order planned for --batch-size)",
     )
     ex.add_argument("--output", help="file to write (default: <out_dir>/model.<format>)")
     return p
@@ -84,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe = Pipeline(cfg)
     if args.command == "export":
         try:
-            res = pipe.export(args.output, args.format, args.weights, args.batch_size)
+            res = pipe.export(
+                args.output, args.format, args.weights, args.batch_size, args.dynamic_batch
+            )
         except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as e:
             print(f"tdcompress: error: {e}", file=sys.stderr)
             return 2

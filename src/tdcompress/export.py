@@ -4,9 +4,10 @@ The exported file is checked before it is kept: it is loaded back and run on the
 input (``.pt2`` with ``torch.export.load``; ONNX with onnxruntime when installed, else ONNX's
 reference evaluator) and must match the eager model, else nothing is written.
 :meth:`tdcompress.pipeline.Pipeline.export` (``tdcompress export CONFIG``) exports a run's
-model this way. The graph is
-specialised to the example input's shape: the factorized layers choose their contraction
-order per input shape, so export at the batch size you deploy with.
+model this way. The graph is specialised to the example input's shape unless
+``dynamic_batch=True``: then the batch dimension is left free (the checks run two batch
+sizes), while the factorized layers keep the contraction order they chose for the example's
+batch size, which is the one to export at for the fastest graph.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ExportResult:
     max_abs_diff: float | None  # exported vs eager output on the example input
     checked_with: str | None  # "torch.export.load", "onnxruntime", "onnx.reference"
     files: tuple[Path, ...] = ()  # path, and ONNX's external weights file if it needed one
+    dynamic_batch: bool = False  # the graph takes any batch size
+    checked_batch_sizes: tuple[int, ...] = ()
 
     def summary(self) -> str:
         check = (
@@ -47,9 +50,13 @@ class ExportResult:
             if self.checked_with is None
             else f"max |exported - eager| = {self.max_abs_diff:.3g} ({self.checked_with})"
         )
+        shape = ("N", *self.input_shape[1:]) if self.dynamic_batch else self.input_shape
+        sizes = ", ".join(str(n) for n in self.checked_batch_sizes)
+        if self.checked_with is not None and self.dynamic_batch:
+            check += f" at batch sizes {sizes}"
         return (
             f"{self.path} ({self.format}, {self.file_bytes / 1024:.1f} KiB, "
-            f"{self.params:,} parameters, input {tuple(self.input_shape)}): {check}"
+            f"{self.params:,} parameters, input ({', '.join(map(str, shape))})): {check}"
         )
 
 
@@ -61,6 +68,7 @@ def export_model(
     check: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    dynamic_batch: bool = False,
 ) -> ExportResult:
     """Export ``model`` (in eval mode) traced on ``example_input`` to ``path``.
 
@@ -70,6 +78,11 @@ def export_model(
     ``path`` is left as it was. The file is written atomically (temporary file, then rename).
     ONNX weights go into the one file unless they exceed protobuf's limit (then beside it, in
     ``<name>.data``, listed in ``files``).
+
+    ``dynamic_batch``: the graph's first input dimension is free (``N``) instead of the
+    example's batch size; the check then runs the example and a second batch size (1, or 3
+    when the example has one sample). The factorized layers' contraction order is the one
+    planned for the example's batch size (at least 2).
     """
     path = Path(path)
     if format is None:
@@ -92,6 +105,11 @@ def export_model(
         )
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if dynamic_batch and (example_input.dim() == 0 or example_input.shape[0] == 0):
+        raise ValueError(
+            f"dynamic_batch needs an example_input with a batch dimension of size >= 1, got "
+            f"shape {tuple(example_input.shape)}"
+        )
     if format == "onnx":
         _require("onnx", "ONNX export")
         _require("onnxscript", "ONNX export (torch.onnx.export uses it)")
@@ -109,40 +127,49 @@ def export_model(
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp = tmpdir / path.name
     try:
-        with torch.no_grad():
-            want = model(example_input)
-        if not isinstance(want, torch.Tensor):
-            raise TypeError(
-                f"export_model needs a model with one tensor output, got {type(want).__name__}"
+        inputs = [example_input]
+        trace_input, dynamic_shapes = example_input, None
+        if dynamic_batch:
+            n = example_input.shape[0]
+            # torch.export specialises a dimension traced at size 1: trace at 2 then
+            trace_input = (
+                example_input if n > 1 else example_input.expand(2, *example_input.shape[1:])
             )
+            inputs.append(
+                example_input[:1] if n > 1 else example_input.expand(3, *example_input.shape[1:])
+            )
+            dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+        wants = []
+        with torch.no_grad():
+            for x in inputs:
+                want = model(x)
+                if not isinstance(want, torch.Tensor):
+                    raise TypeError(
+                        f"export_model needs a model with one tensor output, got "
+                        f"{type(want).__name__}"
+                    )
+                wants.append(want)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
             if format == "pt2":
-                program = torch.export.export(model, (example_input,))
+                program = torch.export.export(model, (trace_input,), dynamic_shapes=dynamic_shapes)
                 torch.export.save(program, tmp)
             else:
                 # one self-contained file unless the weights exceed protobuf's 2 GB limit
                 big = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                extra = {} if dynamic_shapes is None else {"dynamic_shapes": dynamic_shapes}
                 torch.onnx.export(
-                    model, (example_input,), tmp, verbose=False, external_data=big > 1.5e9
+                    model,
+                    (trace_input,),
+                    tmp,
+                    verbose=False,
+                    external_data=big > 1.5e9,
+                    **extra,
                 )
         diff, how = None, None
         if check:
-            got, how = _run_exported(tmp, format, example_input)
-            got = got.to(want.device, want.dtype)
-            if got.shape != want.shape:
-                raise RuntimeError(
-                    f"the exported {format} graph gives an output of shape {tuple(got.shape)}, "
-                    f"the model {tuple(want.shape)}; nothing written to {str(path)!r}"
-                )
-            diff = float((got - want).abs().max()) if want.numel() else 0.0
-            bound = atol + rtol * float(want.abs().max()) if want.numel() else atol
-            if not diff <= bound:  # also catches NaN
-                raise RuntimeError(
-                    f"the exported {format} graph differs from the model by up to {diff:.3g} "
-                    f"(allowed {bound:.3g}, checked with {how}); nothing written to "
-                    f"{str(path)!r}"
-                )
+            gots, how = _run_exported(tmp, format, inputs)
+            diff = max(_compare(g, w, format, how, path, atol, rtol) for g, w in zip(gots, wants))
         written = sorted(tmpdir.iterdir(), key=lambda f: f == tmp)  # the graph itself last
         for f in written:
             os.replace(f, path.parent / f.name)
@@ -160,7 +187,35 @@ def export_model(
         max_abs_diff=diff,
         checked_with=how,
         files=files,
+        dynamic_batch=dynamic_batch,
+        checked_batch_sizes=tuple(int(x.shape[0]) for x in inputs) if check else (),
     )
+
+
+def _compare(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    format: str,
+    how: str,
+    path: Path,
+    atol: float,
+    rtol: float,
+) -> float:
+    """max |got - want|; raises if the shapes differ or it exceeds atol + rtol * max|want|."""
+    got = got.to(want.device, want.dtype)
+    if got.shape != want.shape:
+        raise RuntimeError(
+            f"the exported {format} graph gives an output of shape {tuple(got.shape)}, "
+            f"the model {tuple(want.shape)}; nothing written to {str(path)!r}"
+        )
+    diff = float((got - want).abs().max()) if want.numel() else 0.0
+    bound = atol + rtol * float(want.abs().max()) if want.numel() else atol
+    if not diff <= bound:  # also catches NaN
+        raise RuntimeError(
+            f"the exported {format} graph differs from the model by up to {diff:.3g} "
+            f"(allowed {bound:.3g}, checked with {how}); nothing written to {str(path)!r}"
+        )
+    return diff
 
 
 def _require(module: str, what: str) -> None:
@@ -168,22 +223,25 @@ def _require(module: str, what: str) -> None:
         raise ImportError(f"{what} needs the {module!r} package: pip install 'tdcompress[onnx]'")
 
 
-def _run_exported(path: Path, format: str, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """The exported file's output on ``x`` and what ran it."""
+def _run_exported(
+    path: Path, format: str, xs: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], str]:
+    """The exported file's outputs on each of ``xs`` and what ran them."""
     if format == "pt2":
+        run = torch.export.load(path).module()
         with torch.no_grad():
-            return torch.export.load(path).module()(x), "torch.export.load"
-    feed = x.detach().cpu().numpy()
+            return [run(x) for x in xs], "torch.export.load"
+    feeds = [x.detach().cpu().numpy() for x in xs]
     if importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
         sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        y = sess.run(None, {sess.get_inputs()[0].name: feed})[0]
-        return torch.from_numpy(y), "onnxruntime"
+        name = sess.get_inputs()[0].name
+        return [torch.from_numpy(sess.run(None, {name: f})[0]) for f in feeds], "onnxruntime"
     import onnx
     from onnx.reference import ReferenceEvaluator
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
-    y = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: feed})[0]
-    return torch.from_numpy(y), "onnx.reference"
+    ref, name = ReferenceEvaluator(proto), proto.graph.input[0].name
+    return [torch.from_numpy(ref.run(None, {name: f})[0]) for f in feeds], "onnx.reference"

@@ -576,9 +576,11 @@ class Pipeline:
         format: str = "onnx",
         weights: str = "finetuned",
         batch_size: int = 1,
+        dynamic_batch: bool = False,
     ) -> ExportResult:
         """Write the run's ``weights`` model ("finetuned", "decomposed" or "dense") as
-        ``format`` ("onnx" or "pt2") for inputs of ``batch_size`` samples, checked against
+        ``format`` ("onnx" or "pt2") for inputs of ``batch_size`` samples (any batch size
+        with ``dynamic_batch``, planned for ``batch_size``), checked against
         the eager model (:func:`tdcompress.export.export_model`). Default ``path``:
         ``<out_dir>/model.<format>`` (``model-<weights>.<format>`` for the other weights)."""
         from tdcompress.export import EXPORT_FORMATS, export_model
@@ -610,7 +612,7 @@ class Pipeline:
         if path is None:
             tag = "" if weights == "finetuned" else f"-{weights}"
             path = self.out / f"model{tag}{EXPORT_FORMATS[format]}"
-        return export_model(model, x, path, format=format)
+        return export_model(model, x, path, format=format, dynamic_batch=dynamic_batch)
 
     # ---------------------------------------------------------------- driver
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, Any]:

@@ -37,6 +37,8 @@ __all__ = [
     "FactorizedLayer",
     "cache_plan",
     "warm_plans",
+    "plan_batch",
+    "size_hint",
 ]
 
 
@@ -45,6 +47,7 @@ def plan_network(
     output: Sequence[str],
     sizes: dict[str, int],
     act: bool = False,
+    batch: str | None = None,
 ) -> tuple[Program, int]:
     """Cheapest pairwise contraction order of a tensor network and its MAC count.
 
@@ -52,7 +55,10 @@ def plan_network(
     ``sizes``: size of every label. A pairwise contraction costs the product of the sizes
     of all labels of its two operands. Exact DP over subsets (fine for <= ~10 operands).
     ``act``: ``inputs[0]`` is an activation (batch-sized); the plan is compiled so that it
-    is never copied when avoidable (see :func:`_compile`).
+    is never copied when avoidable (see :func:`_compile`). ``batch``: the label of the batch
+    size, left to run time in the program's reshapes (``-1``), so that a plan made for one
+    batch size runs any other (the order then need not be the cheapest for it); its size
+    in ``sizes`` must be at least 2 (size-1 labels are dropped from programs).
     """
     n = len(inputs)
     if n == 1:
@@ -98,7 +104,12 @@ def plan_network(
         assert cand is not None
         best[mask] = cand
 
-    return _compile(inputs, output, sizes, order, best, kept, act), best[full][0]
+    if batch is not None and sizes.get(batch, 0) < 2:
+        raise ValueError(
+            f"batch label {batch!r} must have a size >= 2 in sizes, got {sizes.get(batch)!r}"
+        )
+    prog = _compile(inputs, output, sizes, order, best, kept, act, batch)
+    return prog, best[full][0]
 
 
 def _compile(
@@ -109,6 +120,7 @@ def _compile(
     best: dict[int, tuple[int, int]],
     kept: Any,
     act: bool,
+    batch: str | None = None,
 ) -> Program:
     """Turn the DP tree into matrix products that avoid copying the activation.
 
@@ -124,6 +136,9 @@ def _compile(
 
     def strip(labs: Sequence[str]) -> tuple[str, ...]:
         return tuple(x for x in labs if sizes[x] != 1)
+
+    def size(part: Sequence[str]) -> int:  # of a group of labels; the batch's is -1
+        return -1 if batch in part else math.prod(sizes[x] for x in part)
 
     out_pos = {x: k for k, x in enumerate(output)}
     first = {x: k for k, x in enumerate(order)}
@@ -182,8 +197,8 @@ def _compile(
                     key=lambda x: ((x in nxt) == tail, rank[x]),
                 )
                 w_perm = tuple(lw.index(x) for x in free_w + K)
-                g, kk, nn_ = (math.prod(sizes[x] for x in part) for part in (G, K, N))
-                m = math.prod(sizes[x] for x in free_w)
+                g, kk, nn_ = (size(part) for part in (G, K, N))
+                m = size(free_w)
                 out_labels = (*G, *free_w, *N)
                 kind = "mm" if not N else ("mm_left" if g == 1 else "bmm")
                 a_shape = (g, kk) if not N else ((kk, nn_) if g == 1 else (g, kk, nn_))
@@ -196,7 +211,7 @@ def _compile(
                         a_shape=a_shape,
                         w_perm=w_perm,
                         w_shape=(m, kk),
-                        out_shape=tuple(sizes[x] for x in out_labels),
+                        out_shape=tuple(size((x,)) for x in out_labels),
                     )
                 )
                 labels[mask] = out_labels
@@ -218,7 +233,7 @@ def _compile(
     final = labels[full]
     want = strip(output)
     out_perm = None if final == want else tuple(final.index(x) for x in want)
-    in_shapes = tuple(tuple(sizes[x] for x in labels[1 << k]) for k in range(n))
+    in_shapes = tuple(tuple(size((x,)) for x in labels[1 << k]) for k in range(n))
     return Program(in_shapes, tuple(ops), out_perm)
 
 
@@ -265,7 +280,7 @@ def run_steps(prog: Program, operands: Sequence[torch.Tensor]) -> torch.Tensor:
             elif op.kind == "mm_left":
                 r = w @ a
             else:
-                r = torch.bmm(w.expand(op.a_shape[0], op.w_shape[0], op.w_shape[1]), a)
+                r = torch.bmm(w.expand(a.shape[0], op.w_shape[0], op.w_shape[1]), a)
             r = r.reshape(op.out_shape)
         ops.append(r)
     y = ops[-1]
@@ -400,7 +415,9 @@ class RingStructure:
         """Cheapest full contraction of ``x (B, n_1..n_d)`` with the cores (it includes
         reconstruct-then-matmul when cheaper)."""
         sizes = dict(self.sizes, B=batch)
-        return plan_network([("B", *self.I), *self.labels], ("B", *self.O), sizes, act=True)
+        return plan_network(
+            [("B", *self.I), *self.labels], ("B", *self.O), sizes, act=True, batch=_label(batch)
+        )
 
     def plan_conv(
         self,
@@ -440,7 +457,11 @@ class RingStructure:
             ra, ra1 = self.ranks[a], self.ranks[a + 1]
             out_cores, kern, in_cores = L[:a], L[a], L[a + 1 :]
             steps, m = plan_network(
-                [("B", *I, "P"), *in_cores], ("B", "R0", R[a + 1], "P"), sizes, act=True
+                [("B", *I, "P"), *in_cores],
+                ("B", "R0", R[a + 1], "P"),
+                sizes,
+                act=True,
+                batch=_label(batch),
             )
             merge, mm = plan_merge(in_cores, ("R0", R[a + 1], *I), sizes)
             pre = pick(
@@ -452,7 +473,11 @@ class RingStructure:
                 "einsum",
             )
             steps, m = plan_network(
-                [("B", "R0", R[a], "Q"), *out_cores], ("B", *O, "Q"), sizes, act=True
+                [("B", "R0", R[a], "Q"), *out_cores],
+                ("B", *O, "Q"),
+                sizes,
+                act=True,
+                batch=_label(batch),
             )
             merge, mm = plan_merge(out_cores, (*O, "R0", R[a]), sizes)
             post = pick(
@@ -484,7 +509,11 @@ class RingStructure:
         elif self.layout == "garipov":
             r1 = self.ranks[1]
             steps, m = plan_network(
-                [("B", *I, "R0", R[1], "Q"), *L[1:]], ("B", *O, "Q"), sizes, act=True
+                [("B", *I, "R0", R[1], "Q"), *L[1:]],
+                ("B", *O, "Q"),
+                sizes,
+                act=True,
+                batch=_label(batch),
             )
             post = Stage("einsum", m, steps=steps)
             mid = batch * n_i * r0 * r1 * k * Q
@@ -514,6 +543,34 @@ class RingStructure:
             raise ValueError("input_hw is required to count the MACs of a conv2d layer")
         hw = (int(input_hw[0]), int(input_hw[1]))
         return self.plan_conv(batch, hw, geometry.output_hw(hw)).macs
+
+
+def _label(batch: int) -> str | None:
+    """The batch label to leave to run time in a plan for ``batch`` samples (none at 1:
+    size-1 labels are dropped, so a batch-1 plan runs batch 1 only)."""
+    return "B" if batch > 1 else None
+
+
+def size_hint(n: int | torch.SymInt) -> int:
+    """A concrete value of a size that may be symbolic (``torch.export`` with a dynamic
+    batch), for choosing a plan only: adds no guard."""
+    if not isinstance(n, torch.SymInt):
+        return int(n)
+    from torch.fx.experimental import symbolic_shapes as sym
+
+    for name in ("optimization_hint", "hint_int", "size_hint"):
+        fn = getattr(sym, name, None)
+        if fn is not None:
+            return int(fn(n))
+    return int(n.node.hint)
+
+
+def plan_batch(n: int | torch.SymInt) -> int:
+    """The batch size to plan a forward for: ``n``, or for a symbolic ``n`` its hint but at
+    least 2, so that the plan keeps the batch dimension and runs any batch size."""
+    if isinstance(n, torch.SymInt):
+        return max(2, size_hint(n))
+    return int(n)
 
 
 def ring_ranks(format_name: str, spec_ranks: Sequence[int]) -> tuple[int, ...]:
@@ -697,7 +754,8 @@ def conv_forward(
             f"{type(layer).__name__}: input must have shape (N, {g.in_features}, H, W), "
             f"got {tuple(x.shape)}"
         )
-    B, _, H, W = (int(v) for v in x.shape)
+    # B plans (the reshapes leave the batch to run time: -1); H and W are static
+    B, H, W = plan_batch(x.shape[0]), int(x.shape[2]), int(x.shape[3])
     # channels_last input: 1x1 stages as convs (GEMMs on the NHWC layout), output NHWC
     nhwc = (
         x.dim() == 4
@@ -724,11 +782,11 @@ def conv_forward(
         assert post is not None
         sp = cores[0]  # (r0, kh, kw, r1)
         w = sp.permute(0, 3, 1, 2).reshape(-1, 1, kh, kw)
-        t = F.conv2d(x.reshape(B * g.in_features, 1, H, W), w, None, **conv)
+        t = F.conv2d(x.reshape(-1, 1, H, W), w, None, **conv)
         Ho, Wo = t.shape[-2], t.shape[-1]
-        t = t.reshape(B, *st.inf, r0, st.ranks[1], Ho * Wo)
+        t = t.reshape(-1, *st.inf, r0, st.ranks[1], Ho * Wo)
         y = run_steps(post.steps, [t, *cores[1:]])
-        return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
+        return _add_bias(y.reshape(-1, g.out_features, Ho, Wo), weight_bias)
     a = len(st.of)
     ra, ra1 = st.ranks[a], st.ranks[a + 1]
     out_cores, kern, in_cores = cores[:a], cores[a], cores[a + 1 :]
@@ -742,13 +800,13 @@ def conv_forward(
             w = run_merge(pre.merge, in_cores).reshape(r0 * ra1, -1, 1, 1)
             t = F.conv2d(x, w)
         else:
-            t = run_steps(pre.steps, [x.reshape(B, *st.inf, H * W), *in_cores])
-            t = t.reshape(B, r0 * ra1, H, W)
+            t = run_steps(pre.steps, [x.reshape(-1, *st.inf, H * W), *in_cores])
+            t = t.reshape(-1, r0 * ra1, H, W)
         if plan.kind == "merge_out":
             w = run_merge(plan.weight, [*out_cores, kern]).reshape(-1, r0 * ra1, kh, kw)
             return F.conv2d(t, w, weight_bias, **conv)
         w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
-        t = t.reshape(B * r0, ra1, H, W)
+        t = t.reshape(-1, ra1, H, W)
         training = torch.is_grad_enabled() and not torch.jit.is_tracing()
         if nhwc or (training and B * r0 > 1):
             # oneDNN's backward of a conv with few channels is 2-4x faster in NHWC; the
@@ -762,9 +820,9 @@ def conv_forward(
     assert post is not None
     if post.mode == "conv":
         w = run_merge(post.merge, out_cores).reshape(g.out_features, r0 * ra, 1, 1)
-        return F.conv2d(t.reshape(B, r0 * ra, Ho, Wo), w, weight_bias)
-    y = run_steps(post.steps, [t.reshape(B, r0, ra, Ho * Wo), *out_cores])
-    return _add_bias(y.reshape(B, g.out_features, Ho, Wo), weight_bias)
+        return F.conv2d(t.reshape(-1, r0 * ra, Ho, Wo), w, weight_bias)
+    y = run_steps(post.steps, [t.reshape(-1, r0, ra, Ho * Wo), *out_cores])
+    return _add_bias(y.reshape(-1, g.out_features, Ho, Wo), weight_bias)
 
 
 #: plans kept per layer (one per distinct input shape); the cache is cleared beyond this
@@ -830,12 +888,12 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
             f"{type(layer).__name__}: input must have last dimension {g.in_features}, "
             f"got shape {tuple(x.shape)}"
         )
-    lead = tuple(int(v) for v in x.shape[:-1])
-    B = math.prod(lead)
+    lead = x.shape[:-1]  # (symbolic under a dynamic-batch export: left to run time)
+    B = plan_batch(math.prod(lead)) if lead else 1
     key = (B,)
     plan = layer._plans.get(key)
     if plan is None:
         plan = cache_plan(layer._plans, key, lambda: st.plan_linear(B)[0])
-    y = run_steps(plan, [x.reshape(B, *st.inf), *layer.cores])
+    y = run_steps(plan, [x.reshape(-1, *st.inf), *layer.cores])
     y = y.reshape(*lead, g.out_features)
     return y if layer.bias is None else y + layer.bias

@@ -16,7 +16,7 @@ from torch import nn
 import tdcompress.formats.lowrank  # noqa: F401  (registers the "svd" format)
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.lowrank import best_plan, lowrank_plans
-from tdcompress.layers._base import FactorizedLayer, cache_plan
+from tdcompress.layers._base import FactorizedLayer, cache_plan, plan_batch, size_hint
 
 __all__ = [
     "LowRankLinear",
@@ -182,7 +182,7 @@ class LowRankLinear(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have last dimension {g.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
-        rows = math.prod([int(v) for v in x.shape[:-1]])
+        rows = plan_batch(math.prod(x.shape[:-1]))
         plan = self._plan((rows,), lambda: lowrank_plans(g, self.rank, rows))
         A, B = self.cores[0], self.cores[1]
         if plan == "dense":
@@ -274,7 +274,7 @@ class LowRankConv2d(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have shape (N, {g.in_features}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        n, h, w = int(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+        n, h, w = plan_batch(x.shape[0]), int(x.shape[2]), int(x.shape[3])
         plan = self._plan((n, h, w), lambda: lowrank_plans(g, self.rank, n, (h, w)))
         conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
         if plan == "dense":
@@ -296,7 +296,7 @@ def training_nhwc(x: torch.Tensor) -> bool:
     return (
         torch.is_grad_enabled()
         and not torch.jit.is_tracing()
-        and x.shape[0] > 1
+        and size_hint(x.shape[0]) > 1
         and x.is_contiguous()
     )
 
@@ -305,20 +305,21 @@ def pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     """1x1 convolution of ``x`` (N, C, H, W) with the matrix ``w`` (O, C), as one matrix
     product: ATen runs 1x1 convs with few channels on NCHW inputs through a path 10-20x
     slower than a GEMM. A channels_last input stays channels_last."""
-    n, c, h, wd = x.shape
+    n, c, h, wd = x.shape  # (n is symbolic under a dynamic-batch export: reshapes use -1)
     o = w.shape[0]
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        rows = x.permute(0, 2, 3, 1).reshape(n * h * wd, c)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
         y = rows @ w.t() if bias is None else torch.addmm(bias, rows, w.t())
-        return y.reshape(n, h, wd, o).permute(0, 3, 1, 2)
-    if n == 1:  # (a reshape, not a select of the batch index: cheaper backward)
+        return y.reshape(-1, h, wd, o).permute(0, 3, 1, 2)
+    if not isinstance(n, torch.SymInt) and n == 1:
+        # (a reshape, not a select of the batch index: cheaper backward)
         xm = x.reshape(c, h * wd)
         y = w @ xm if bias is None else torch.addmm(bias[:, None], w, xm)
         return y.reshape(1, o, h, wd)
-    xm = x.reshape(n, c, h * wd)
+    xm = x.reshape(-1, c, h * wd)
     # bmm against the stride-0 expanded weight: no copy of x or of the result (torch.matmul
     # would transpose both, and hand the next conv a strided tensor it runs slowly)
-    y = torch.bmm(w.expand(n, o, c), xm).reshape(n, o, h, wd)
+    y = torch.bmm(w.expand(n, o, c), xm).reshape(-1, o, h, wd)
     # in place: no extra activation-sized tensor, and the result keeps the product's dtype
     # (under autocast a float32 bias would otherwise promote a bf16/fp16 output to float32)
     return y if bias is None else y.add_(bias.reshape(1, o, 1, 1))
