@@ -64,6 +64,26 @@ def test_onnx_export_runs_new_inputs_like_the_model(tmp_path, factorized_net):
     torch.testing.assert_close(torch.from_numpy(got), _eager(model, x2), rtol=1e-4, atol=1e-5)
 
 
+@needs_onnx
+def test_onnx_debug_metadata_is_removed_unless_asked_for(tmp_path, factorized_net):
+    import onnx
+
+    model, x = factorized_net(), torch.randn(2, 3, 16, 16)
+    lean = export_model(model, x, tmp_path / "lean.onnx")
+    full = export_model(model, x, tmp_path / "full.onnx", debug_metadata=True)
+
+    def node_metadata(path):
+        return sum(len(n.metadata_props) for n in onnx.load(str(path)).graph.node)
+
+    assert node_metadata(full.path) > 0 and node_metadata(lean.path) == 0
+    assert lean.file_bytes < full.file_bytes
+    # the same graph and weights otherwise: both were run and checked against the model
+    assert lean.max_abs_diff <= 1e-4 and full.max_abs_diff <= 1e-4
+    a, b = onnx.load(str(lean.path)), onnx.load(str(full.path))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert [t.raw_data for t in a.graph.initializer] == [t.raw_data for t in b.graph.initializer]
+
+
 def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch, factorized_net):
     model = factorized_net()
     x = torch.randn(1, 3, 16, 16)

@@ -69,6 +69,7 @@ def export_model(
     atol: float = 1e-4,
     rtol: float = 1e-4,
     dynamic_batch: bool = False,
+    debug_metadata: bool = False,
 ) -> ExportResult:
     """Export ``model`` (in eval mode) traced on ``example_input`` to ``path``.
 
@@ -83,6 +84,10 @@ def export_model(
     example's batch size; the check then runs the example and a second batch size (1, or 3
     when the example has one sample). The factorized layers' contraction order is the one
     planned for the example's batch size (at least 2).
+
+    ``debug_metadata``: keep the ONNX exporter's per-node provenance (module path, FX node,
+    class hierarchy); by default it is removed, as it takes about as many bytes as the
+    weights of a small compressed model (a ResNet-20 TT 6.8x at batch 1: 413 KiB with it, 196 KiB without, 152 KiB of weights).
     """
     path = Path(path)
     if format is None:
@@ -166,6 +171,8 @@ def export_model(
                     external_data=big > 1.5e9,
                     **extra,
                 )
+                if not debug_metadata:
+                    _strip_node_metadata(tmp)
         diff, how = None, None
         if check:
             gots, how = _run_exported(tmp, format, inputs)
@@ -221,6 +228,29 @@ def _compare(
 def _require(module: str, what: str) -> None:
     if importlib.util.find_spec(module) is None:
         raise ImportError(f"{what} needs the {module!r} package: pip install 'tdcompress[onnx]'")
+
+
+def _strip_node_metadata(path: Path) -> None:
+    """Remove the metadata of every node of the ONNX file ``path`` (in place; external
+    weights, if any, are left untouched)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def strip(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    strip(attr.g)
+                for sub in attr.graphs:
+                    strip(sub)
+
+    strip(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+    onnx.save(proto, str(path))
 
 
 def _run_exported(
