@@ -87,7 +87,8 @@ def export_model(
 
     ``debug_metadata``: keep the ONNX exporter's per-node provenance (module path, FX node,
     class hierarchy); by default it is removed, as it takes about as many bytes as the
-    weights of a small compressed model (a ResNet-20 TT 6.8x at batch 1: 413 KiB with it, 196 KiB without, 152 KiB of weights).
+    weights of a small compressed model (a ResNet-20 TT 6.8x at batch 1: 413 KiB with it,
+    196 KiB without, 152 KiB of weights).
     """
     path = Path(path)
     if format is None:

@@ -366,6 +366,11 @@ class Pipeline:
                 "test_acc": ev["acc"],
                 "seconds": time.time() - t0,
             }
+            # what train_loss is besides the plain CE that test_loss is (for readers of curves)
+            if phase.label_smoothing:
+                last["label_smoothing"] = phase.label_smoothing
+            if teacher is not None and phase.distill_weight:
+                last["distill_weight"] = phase.distill_weight
             if admm is not None:
                 last["rho"] = admm.rho
                 last.update({f"admm/{k}": v for k, v in admm.residuals().items()})

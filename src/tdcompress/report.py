@@ -95,6 +95,17 @@ def write_report(
     return _text_table(rows)
 
 
+def _loss_label(phase: str, rec: dict[str, Any]) -> str:
+    """A phase's legend entry, naming what its training loss adds to plain cross-entropy
+    (the test loss is always plain CE, so these sit above it without overfitting)."""
+    extra = []
+    if rec.get("label_smoothing"):
+        extra.append(f"label smoothing {rec['label_smoothing']:g}")
+    if rec.get("distill_weight"):
+        extra.append(f"distillation {rec['distill_weight']:g}")
+    return f"{phase} ({', '.join(extra)})" if extra else phase
+
+
 def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> list[Path]:
     plt = pyplot()
     if plt is None:
@@ -108,7 +119,7 @@ def _plots(out: Path, metrics: list[dict[str, Any]], plan: CompressionPlan) -> l
             if not recs:
                 continue
             xs = list(range(x + 1, x + len(recs) + 1))
-            ax[0].plot(xs, [m["train_loss"] for m in recs], label=phase)
+            ax[0].plot(xs, [m["train_loss"] for m in recs], label=_loss_label(phase, recs[-1]))
             ax[1].plot(xs, [100 * m["test_acc"] for m in recs], label=phase)
             x += len(recs)
         ax[0].set(xlabel="epoch (all phases)", ylabel="training loss", yscale="log")
