@@ -65,6 +65,11 @@ RUNS: dict[str, tuple[str, str, float | None]] = {
     # issue 8's full budget: 90 epochs of dense training and of ADMM + fine-tuning
     "resnet20_dense_e90": ("ResNet-20 dense, 90 epochs", "dense", 91.25),
     "resnet20_tt_6.8x_e90": ("ResNet-20 ADMM -> TT 6.8x, 90-epoch budget", "admm", 91.03),
+    "resnet20_tt_6.8x_kd_e90": (
+        "ResNet-20 ADMM -> TT 6.8x, distillation in fine-tuning, 90-epoch budget",
+        "admm",
+        91.03,
+    ),
     "resnet20_tt_6.8x_dtf_e90": ("ResNet-20 TT-SVD + fine-tune 6.8x, 90-epoch budget", "dtf", None),
     "resnet20_tt_6.8x_scratch_e90": (
         "ResNet-20 TT from scratch 6.8x, 90-epoch budget",
