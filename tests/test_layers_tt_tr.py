@@ -331,6 +331,8 @@ def test_a_plan_with_a_batch_label_runs_any_batch_size(plan_at) -> None:
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match=r"batch label 'B' must have a size >= 2 .* got 1"):
         plan_network(ops, ("B", *st.O), dict(st.sizes, B=1), act=True, batch="B")
+    with pytest.raises(ValueError, match=r"batch label 'b' must be a label of the activation"):
+        plan_network(ops, ("B", *st.O), dict(sizes, b=4), act=True, batch="b")
 
 
 def test_gradcheck_every_conv_plan() -> None:

@@ -67,7 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dynamic-batch",
         action="store_true",
         help="let the graph take any batch size (the factorized layers keep the contraction "
-        "order planned for --batch-size)",
+        "order planned for --batch-size, or 2 if it is 1)",
+    )
+    ex.add_argument(
+        "--debug-metadata",
+        action="store_true",
+        help="keep the ONNX exporter's per-node provenance (module path, FX node): a larger file",
     )
     ex.add_argument("--output", help="file to write (default: <out_dir>/model.<format>)")
     return p
@@ -92,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         try:
             res = pipe.export(
-                args.output, args.format, args.weights, args.batch_size, args.dynamic_batch
+                args.output,
+                args.format,
+                args.weights,
+                args.batch_size,
+                args.dynamic_batch,
+                args.debug_metadata,
             )
         except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as e:
             print(f"tdcompress: error: {e}", file=sys.stderr)

@@ -366,7 +366,8 @@ class Pipeline:
                 "test_acc": ev["acc"],
                 "seconds": time.time() - t0,
             }
-            # what train_loss is besides the plain CE that test_loss is (for readers of curves)
+            # train_loss is the (label-smoothed) CE, without the distillation term; test_loss
+            # is plain CE: the rows say which, for readers of the curves
             if phase.label_smoothing:
                 last["label_smoothing"] = phase.label_smoothing
             if teacher is not None and phase.distill_weight:
@@ -582,10 +583,12 @@ class Pipeline:
         weights: str = "finetuned",
         batch_size: int = 1,
         dynamic_batch: bool = False,
+        debug_metadata: bool = False,
     ) -> ExportResult:
         """Write the run's ``weights`` model ("finetuned", "decomposed" or "dense") as
         ``format`` ("onnx" or "pt2") for inputs of ``batch_size`` samples (any batch size
-        with ``dynamic_batch``, planned for ``batch_size``), checked against
+        with ``dynamic_batch``, planned for ``batch_size`` but at least 2; ``debug_metadata``
+        keeps ONNX's per-node provenance), checked against
         the eager model (:func:`tdcompress.export.export_model`). Default ``path``:
         ``<out_dir>/model.<format>`` (``model-<weights>.<format>`` for the other weights)."""
         from tdcompress.export import EXPORT_FORMATS, export_model
@@ -617,7 +620,14 @@ class Pipeline:
         if path is None:
             tag = "" if weights == "finetuned" else f"-{weights}"
             path = self.out / f"model{tag}{EXPORT_FORMATS[format]}"
-        return export_model(model, x, path, format=format, dynamic_batch=dynamic_batch)
+        return export_model(
+            model,
+            x,
+            path,
+            format=format,
+            dynamic_batch=dynamic_batch,
+            debug_metadata=debug_metadata,
+        )
 
     # ---------------------------------------------------------------- driver
     def run(self, stages: tuple[str, ...] = STAGES, force: bool = False) -> dict[str, Any]:

@@ -63,6 +63,16 @@ def plan_network(
     n = len(inputs)
     if n == 1:
         raise ValueError("a network needs at least two operands")
+    if batch is not None:
+        if sizes.get(batch, 0) < 2:
+            raise ValueError(
+                f"batch label {batch!r} must have a size >= 2 in sizes, got {sizes.get(batch)!r}"
+            )
+        if batch not in inputs[0] or batch not in output:
+            raise ValueError(
+                f"batch label {batch!r} must be a label of the activation inputs[0] "
+                f"{tuple(inputs[0])} and of the output {tuple(output)}"
+            )
     occ: dict[str, int] = {}
     for k, labs in enumerate(inputs):
         for lab in labs:
@@ -104,10 +114,6 @@ def plan_network(
         assert cand is not None
         best[mask] = cand
 
-    if batch is not None and sizes.get(batch, 0) < 2:
-        raise ValueError(
-            f"batch label {batch!r} must have a size >= 2 in sizes, got {sizes.get(batch)!r}"
-        )
     prog = _compile(inputs, output, sizes, order, best, kept, act, batch)
     return prog, best[full][0]
 

@@ -265,7 +265,7 @@ class FactorizedLSTM(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for code written for ``nn.LSTM`` (there is no cuDNN weight buffer)."""
 
-    def _check_state(self, t: torch.Tensor, nm: str, batch: int | None) -> None:
+    def _check_state(self, t: torch.Tensor, nm: str, batch: int | torch.SymInt | None) -> None:
         want = (
             (self.num_layers, self.hidden_size)
             if batch is None
@@ -297,7 +297,8 @@ class FactorizedLSTM(nn.Module):
         x = input.unsqueeze(1) if unbatched else input
         if self.batch_first and not unbatched:
             x = x.transpose(0, 1)
-        T, B = int(x.shape[0]), int(x.shape[1])
+        # B stays as given: symbolic under a dynamic-batch export (reshapes below use -1)
+        T, B = int(x.shape[0]), x.shape[1]
         if T == 0:
             raise ValueError(
                 f"{name}: input has sequence length 0 (shape {tuple(input.shape)}); "
@@ -317,7 +318,7 @@ class FactorizedLSTM(nn.Module):
         for k in range(L):
             if k > 0 and self.dropout > 0.0 and self.training:
                 x = F.dropout(x, self.dropout, True)
-            gx = self.input_layers[k](x.reshape(T * B, x.shape[-1])).reshape(T, B, 4 * H)
+            gx = self.input_layers[k](x.reshape(-1, x.shape[-1])).reshape(T, -1, 4 * H)
             b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
             if b_ih is not None:
                 gx = gx + (b_ih + b_hh)
