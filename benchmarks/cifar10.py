@@ -77,6 +77,11 @@ RUNS: dict[str, tuple[str, str, float | None]] = {
         None,
     ),
 }
+# runs that take the finished stages of another run (tdcompress pipeline --reuse-from) instead
+# of repeating them: key -> (source run, the stage it must have finished first)
+REUSE: dict[str, tuple[str, str]] = {
+    "resnet20_tt_6.8x_kd_e90": ("resnet20_tt_6.8x_e90", "decompose"),
+}
 PAPER_NOTE = (
     "Paper figures: Yin et al. 2021, Table 2 (200 dense epochs before ADMM; the paper's "
     "standard TT baseline: 86.7% at 5.4x for ResNet-20, 88.3% at 4.8x for ResNet-32)."
@@ -128,7 +133,18 @@ def _argv(key: str, data_root: str, sets: list[str]) -> list[str]:
     argv = [cmd, str(CONFIGS / f"{key}.yaml"), "--data-root", data_root]
     for s in sets:
         argv += ["--set", s]
+    if key in REUSE:
+        argv += ["--reuse-from", str(out_dir(run_config(REUSE[key][0], sets)))]
     return argv
+
+
+def reuse_ready(key: str, sets: list[str] | None = None) -> bool:
+    """Whether ``key``'s reuse source (if any) has finished the stage it lends."""
+    if key not in REUSE:
+        return True
+    src, stage = REUSE[key]
+    path = out_dir(run_config(src, sets)) / "state.json"
+    return path.exists() and stage in json.loads(path.read_text())["done"]
 
 
 def _launch(key: str, argv: list[str], log: Path | None) -> subprocess.Popen:
@@ -148,7 +164,8 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
     that a compressed run starts only after the dense run it loads
     (``runtime.dense_checkpoint``) has finished, if that run is among ``keys`` (a
     from-scratch run starts at once and, should it reach its evaluate stage first, is rerun
-    after it). With ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
+    after it), and a run of :data:`REUSE` once its source has finished the stage it lends.
+    With ``jobs > 1`` each run's output goes to ``runs/cifar10/<key>.log``."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     order = list(dict.fromkeys(keys))
@@ -164,7 +181,7 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
         for k in [k for k in pending if any(d in failed for d in deps[k])]:
             pending.remove(k)
             failed[k] = f"skipped: {', '.join(d for d in deps[k] if d in failed)} failed"
-        ready = [k for k in pending if all(d in finished for d in deps[k])]
+        ready = [k for k in pending if all(d in finished for d in deps[k]) and reuse_ready(k, sets)]
         while ready and len(running) < jobs:
             k = ready.pop(0)
             pending.remove(k)
@@ -174,7 +191,10 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
             print(f"== {k}: tdcompress {' '.join(argv)}{where}", flush=True)
             running[k] = _launch(k, argv, log)
         if not running:
-            break  # nothing runnable is left (all blocked by failures)
+            for k in pending:  # nothing runnable is left: waiting for a reuse source
+                src, stage = REUSE.get(k, ("its dependencies", "last"))
+                failed[k] = f"not started: {src} has not finished its {stage} stage"
+            break
         time.sleep(0.05 if jobs == 1 else 5.0)
         for k, proc in list(running.items()):
             rc = proc.poll()

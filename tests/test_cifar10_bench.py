@@ -197,3 +197,40 @@ def test_parallel_runs_wait_for_their_dense_model_and_skip_after_a_failure(bench
         ("start", "resnet20_tt_6.8x_scratch_e90"),
         ("end", "resnet20_tt_6.8x_scratch_e90"),
     ]
+
+
+def test_a_reusing_run_starts_once_its_source_has_the_stage_it_lends(bench, monkeypatch, tmp_path):
+    kd, src = "resnet20_tt_6.8x_kd_e90", "resnet20_tt_6.8x_e90"
+    assert bench.REUSE[kd] == (src, "decompose")
+    argv = bench._argv(kd, "data", [])
+    assert argv[-2:] == ["--reuse-from", str(bench.out_dir(bench.run_config(src)))]
+    # the real check reads the source's state.json
+    monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
+    assert not bench.reuse_ready(kd) and bench.reuse_ready(src)
+    (tmp_path / src).mkdir()
+    (tmp_path / src / "state.json").write_text(json.dumps({"done": {"admm": {}}}))
+    assert not bench.reuse_ready(kd)
+    (tmp_path / src / "state.json").write_text(json.dumps({"done": {"decompose": {}}}))
+    assert bench.reuse_ready(kd)
+    # scheduling: the source "finishes decompose" 3 polls after it starts, and the reusing
+    # run then starts beside it (jobs=2) instead of after it
+    events: list = []
+    polls = {"n": 0}
+
+    def ready(key, sets=None):
+        polls["n"] += ("start", src) in events
+        return key != kd or polls["n"] > 3
+
+    def launch(key, argv, log):
+        events.append(("start", key))
+        return _FakeProc(0, 8, events, key)
+
+    monkeypatch.setattr(bench, "reuse_ready", ready)
+    monkeypatch.setattr(bench, "_launch", launch)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    bench.run([src, kd], "data", [], jobs=2)
+    assert events.index(("start", src)) < events.index(("start", kd)) < events.index(("end", src))
+    # a source that never gets there: the run is reported, not waited for forever
+    monkeypatch.setattr(bench, "reuse_ready", lambda key, sets=None: key != kd)
+    with pytest.raises(SystemExit, match=r"kd_e90 \(not started: resnet20_tt_6\.8x_e90 has not"):
+        bench.run([kd], "data", [], jobs=2)

@@ -365,3 +365,43 @@ def test_command_block_is_a_markdown_code_block_holding_the_command_verbatim():
     lines = command_block(cmd, intro="Reproduce:")
     assert lines == ["Reproduce:", "", "```", cmd, "```", ""]
     assert command_block("x")[0] == "Command (from the repository root):"
+
+
+def test_reuse_stages_takes_the_matching_prefix_of_another_run(tmp_path, capsys):
+    a = load_config(write_cfg(tmp_path / "a.yaml", tmp_path / "a"))
+    Pipeline(a).run(("train", "plan", "admm", "decompose", "finetune"))
+    src = tmp_path / "a"
+    # another fine-tuning of the same ADMM phase: everything up to decompose is taken
+    b_yaml = write_cfg(tmp_path / "b.yaml", tmp_path / "b", finetune={"optim": {"lr": 0.02}})
+    b = Pipeline(load_config(b_yaml))
+    assert b.reuse_stages(src) == ["train", "plan", "admm", "decompose"]
+    for name in ("dense.pt", "plan.yaml", "admm.pt", "decomposed.pt"):
+        assert (tmp_path / "b" / name).read_bytes() == (src / name).read_bytes()
+    assert not (tmp_path / "b" / "finetuned.pt").exists()
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    src_rows = [json.loads(x) for x in (src / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [r for r in src_rows if r["phase"] in ("dense", "admm")]
+    state = b.state()["done"]
+    assert state["admm"]["reused_from"] == str(src)
+    assert state["admm"]["test_acc"] == json.loads((src / "state.json").read_text())["done"][
+        "admm"
+    ]["test_acc"]
+    assert b.reuse_stages(src) == []  # taken already: a rerun of the command does nothing
+    # the CLI continues from there: only fine-tuning (and evaluation) run
+    assert main(["pipeline", str(b_yaml), "--reuse-from", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "[train] already done" in out and "[admm] already done" in out
+    assert "[finetune] epoch 2/2" in out
+    fine_b = torch.load(tmp_path / "b" / "finetuned.pt")["model"]
+    fine_a = torch.load(src / "finetuned.pt")["model"]
+    assert any(not torch.equal(v, fine_a[k]) for k, v in fine_b.items())  # another lr
+    # other ADMM settings: only train and plan are taken; the ADMM phase is run anew
+    c = Pipeline(load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "c", admm={"rho": 0.5})))
+    assert c.reuse_stages(src) == ["train", "plan"]
+    assert not (tmp_path / "c" / "admm.pt").exists()
+    # a folder with stages of its own, or a source that is not a run folder: refused
+    with pytest.raises(ValueError, match=r"already holds started stages \(train, plan"):
+        Pipeline(load_config(write_cfg(tmp_path / "d.yaml", src))).reuse_stages(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match=r"reuse source .*nowhere.* is not a run folder"):
+        c.reuse_stages(tmp_path / "nowhere")
+    assert main(["pipeline", str(b_yaml), "--reuse-from", str(tmp_path / "nowhere")]) == 2

@@ -36,7 +36,14 @@ def _parser() -> argparse.ArgumentParser:
         if force:
             sp.add_argument("--force", action="store_true", help="rerun finished stages")
 
-    common(sub.add_parser("pipeline", help="run every stage, resuming finished ones"))
+    pl = sub.add_parser("pipeline", help="run every stage, resuming finished ones")
+    common(pl)
+    pl.add_argument(
+        "--reuse-from",
+        metavar="RUN_DIR",
+        help="first take the finished stages of another run folder whose settings match "
+        "(e.g. its ADMM phase, to fine-tune it differently); rerunnable",
+    )
     for s in STAGES:
         common(sub.add_parser(s, help=f"run the {s} stage only"))
     common(
@@ -109,6 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(res.summary())
         return 0
+    if getattr(args, "reuse_from", None):
+        try:
+            taken = pipe.reuse_stages(args.reuse_from)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"tdcompress: error: {e}", file=sys.stderr)
+            return 2
+        what = (
+            ", ".join(taken)
+            or "nothing new (no finished stage with these settings there, or taken already)"
+        )
+        print(f"reused from {args.reuse_from}: {what}", flush=True)
     stages = STAGES if args.command in ("pipeline", "demo") else (args.command,)
     pipe.run(stages, force=args.force)
     if "evaluate" in stages or "report" in stages:

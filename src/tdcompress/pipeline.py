@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,15 @@ _STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "finetune": ("finetune",),
 }
 _STAGE_PHASE = {"train": "dense"}  # stage -> name of its per-epoch checkpoint
+# Stages another run folder can lend (Pipeline.reuse_stages), in order, and their files.
+_REUSABLE = ("train", "plan", "admm", "decompose", "finetune")
+_STAGE_FILES = {
+    "train": ("dense.pt",),
+    "plan": ("plan.yaml",),
+    "admm": ("admm.pt",),
+    "decompose": ("decomposed.pt",),
+    "finetune": ("finetuned.pt",),
+}
 # Where the data lives and how the run is executed do not change its result.
 _FREE_KEYS = frozenset({"data.root", "data.download"})
 
@@ -117,6 +127,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _changed_keys(old: dict[str, Any], cfg: Config, guarded: list[str]) -> list[str]:
+    """``"key: was .., now .."`` for each setting under ``guarded`` (dotted prefixes) in
+    which the flattened config ``old`` differs from ``cfg``."""
+    new = _flatten(cfg.to_dict())
+    return [
+        f"{k}: was {old.get(k)!r}, now {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if k not in _FREE_KEYS
+        and any(k == g or k.startswith(g + ".") for g in guarded)
+        and old.get(k) != new.get(k)
+    ]
+
+
 def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``over``'s values put in, section by section."""
     out = dict(base)
@@ -124,6 +147,12 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         both = isinstance(v, dict) and isinstance(base.get(k), dict)
         out[k] = _merged(base[k], v) if both else v
     return out
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 class Pipeline:
@@ -166,17 +195,9 @@ class Pipeline:
             return
         # A key missing from an older config.json did not exist when that run was written,
         # which ran as its default does now (settings are added with a neutral default).
-        old = _flatten(_merged(type(self.cfg)().to_dict(), json.loads(old_path.read_text())))
-        new = _flatten(self.cfg.to_dict())
         started = self._started()
         guarded = [k for s in started for k in _STAGE_CONFIG[s]]
-        changed = [
-            f"{k}: was {old.get(k)!r}, now {new.get(k)!r}"
-            for k in sorted(old.keys() | new.keys())
-            if k not in _FREE_KEYS
-            and any(k == g or k.startswith(g + ".") for g in guarded)
-            and old.get(k) != new.get(k)
-        ]
+        changed = _changed_keys(self._config_of(self.out), self.cfg, guarded)
         if changed:
             raise ValueError(
                 f"runtime.out_dir {str(self.out)!r} holds a run whose started stages "
@@ -185,6 +206,57 @@ class Pipeline:
                 + ". Restore those settings to resume, or choose a new runtime.out_dir "
                 "(or delete the folder) to start over."
             )
+
+    def _config_of(self, run_dir: Path) -> dict[str, Any]:
+        """The flattened config a run folder was written with. A key missing from an older
+        config.json did not exist then, and that run ran as its default does now."""
+        saved = json.loads((run_dir / "config.json").read_text())
+        return _flatten(_merged(type(self.cfg)().to_dict(), saved))
+
+    def reuse_stages(self, src: str | Path) -> list[str]:
+        """Take the finished stages of the run folder ``src`` (its files, state and metrics
+        rows) in order for as long as each one's settings, and those of the stages before
+        it, equal this config's: one ADMM phase, then several fine-tunings, say. Needs an
+        ``out_dir`` with no stage started, or one that took its stages from ``src`` already
+        (then nothing is done, so the command can be rerun). Returns the stages taken."""
+        src = Path(src)
+        if not (src / "config.json").is_file() or not (src / "state.json").is_file():
+            raise FileNotFoundError(
+                f"reuse source {str(src)!r} is not a run folder (it needs config.json and "
+                "state.json)"
+            )
+        if src.resolve() == self.out.resolve():
+            raise ValueError(f"reuse source {str(src)!r} is this run's own out_dir")
+        mine = self.state()["done"]
+        if any(r.get("reused_from") == str(src) for r in mine.values()):
+            return []
+        if self._started():
+            raise ValueError(
+                f"runtime.out_dir {str(self.out)!r} already holds started stages "
+                f"({', '.join(self._started())}); stages are reused into a fresh run folder"
+            )
+        old, done = self._config_of(src), json.loads((src / "state.json").read_text())["done"]
+        taken: list[str] = []
+        guarded: list[str] = []
+        for s in _REUSABLE:
+            guarded += _STAGE_CONFIG.get(s, ())
+            if s not in done or _changed_keys(old, self.cfg, guarded):
+                break
+            taken.append(s)
+        if is_main() and taken:
+            for s in taken:
+                for name in _STAGE_FILES[s]:
+                    if (src / name).exists():
+                        _copy_atomic(src / name, self.out / name)
+            phases = {_STAGE_PHASE.get(s, s) for s in taken}
+            for rec in read_metrics(src / "metrics.jsonl"):
+                if rec.get("phase") in phases:
+                    self.log.write(**rec)
+            st = self.state()
+            st["done"].update({s: dict(done[s], reused_from=str(src)) for s in taken})
+            atomic_write_text(self._state_path, json.dumps(st, indent=2))
+        barrier()
+        return taken
 
     @property
     def _state_path(self) -> Path:
