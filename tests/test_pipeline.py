@@ -103,8 +103,14 @@ def test_resume_after_kill_gives_same_final_metrics(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def torchrun(port: int, *args: str) -> subprocess.CompletedProcess:
-    """``args`` under ``torch.distributed.run`` with two CPU processes (gloo)."""
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``args`` under ``torch.distributed.run`` with two CPU processes (gloo), on a free
+    port (a fixed one can meet another job's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
@@ -112,13 +118,13 @@ def torchrun(port: int, *args: str) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300,
     )
 
 
 def test_two_process_gloo_run(tmp_path):
     cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "ddp")
-    p = torchrun(29533, "-m", "tdcompress", "pipeline", str(cfg))
+    p = torchrun("-m", "tdcompress", "pipeline", str(cfg))
     assert p.returncode == 0, p.stdout + p.stderr
     done = json.loads((tmp_path / "ddp" / "state.json").read_text())["done"]
     # each rank trained on half of every epoch (batch 32 per rank): above chance (0.25),
@@ -128,27 +134,38 @@ def test_two_process_gloo_run(tmp_path):
     assert done["evaluate"]["compressed_params"] < done["evaluate"]["dense_params"]
 
 
-def test_main_says_gives_every_rank_rank_0s_answer_and_the_group_ends_at_exit(tmp_path):
+def test_main_says_gives_every_rank_rank_0s_answer_and_cleanup_ends_the_group(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(
-        "import atexit, json, os, sys\n"
+        "import json, os, sys\n"
         "import torch.distributed as dist\n"
-        "from tdcompress.train.distributed import init_distributed, main_says, rank\n"
+        "from tdcompress.train.distributed import cleanup, init_distributed, main_says, rank\n"
         "r = int(os.environ['RANK'])\n"
-        "# atexit runs last-in first-out: this runs after init_distributed's own handler\n"
-        "atexit.register(lambda: open(sys.argv[1] + f'.{r}.exit', 'w').write(\n"
-        "    str(dist.is_initialized())))\n"
         "init_distributed()\n"
         "assert rank() == r\n"
         "out = [main_says(r == 0), main_says(r == 1), main_says(True), main_says(False)]\n"
         "open(sys.argv[1] + f'.{r}', 'w').write(json.dumps(out))\n"
+        "cleanup()\n"
+        "cleanup()  # a no-op the second time\n"
+        "open(sys.argv[1] + f'.{r}.exit', 'w').write(str(dist.is_initialized()))\n"
     )
-    p = torchrun(29534, str(script), str(tmp_path / "out"))
+    p = torchrun(str(script), str(tmp_path / "out"))
     assert p.returncode == 0, p.stdout + p.stderr
     for r in (0, 1):  # each rank asked with its own view; both get rank 0's
         assert json.loads((tmp_path / f"out.{r}").read_text()) == [True, False, True, False]
-        # the process group was destroyed before exit (a live gloo group can abort it)
+        # cleanup destroyed the process group (a live gloo group can abort the exit)
         assert (tmp_path / f"out.{r}.exit").read_text() == "False"
+
+
+def test_the_cli_ends_a_successful_command_with_cleanup(tmp_path, monkeypatch):
+    import tdcompress.train.distributed as dist_mod
+
+    calls = []
+    monkeypatch.setattr(dist_mod, "cleanup", lambda: calls.append("cleanup"))
+    cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "run")
+    assert main(["plan", str(cfg)]) == 0 and calls == ["cleanup"]
+    # after an error no barrier: a rank stuck in a collective would never reach it
+    assert main(["plan", str(tmp_path / "missing.yaml")]) == 2 and calls == ["cleanup"]
 
 
 def test_unknown_config_keys_are_rejected_with_the_valid_ones(tmp_path, capsys):
@@ -383,9 +400,10 @@ def test_reuse_stages_takes_the_matching_prefix_of_another_run(tmp_path, capsys)
     assert rows == [r for r in src_rows if r["phase"] in ("dense", "admm")]
     state = b.state()["done"]
     assert state["admm"]["reused_from"] == str(src)
-    assert state["admm"]["test_acc"] == json.loads((src / "state.json").read_text())["done"][
-        "admm"
-    ]["test_acc"]
+    assert (
+        state["admm"]["test_acc"]
+        == json.loads((src / "state.json").read_text())["done"]["admm"]["test_acc"]
+    )
     assert b.reuse_stages(src) == []  # taken already: a rerun of the command does nothing
     # the CLI continues from there: only fine-tuning (and evaluation) run
     assert main(["pipeline", str(b_yaml), "--reuse-from", str(src)]) == 0

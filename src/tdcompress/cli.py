@@ -86,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; under torchrun a successful command ends by destroying the
+    process group on every rank (an error leaves it to torchrun to stop the others)."""
+    from tdcompress.train.distributed import cleanup
+
+    rc = _main(argv)
+    if rc == 0:
+        cleanup()
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tdcompress.config import load_config
     from tdcompress.pipeline import Pipeline

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import os
 
 import torch
@@ -31,9 +30,8 @@ def default_device() -> torch.device:
 
 
 def init_distributed() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); no-op otherwise. A group
-    joined here is destroyed at exit (:func:`cleanup`): a process that exits with gloo's
-    threads still running can abort ("terminate called without an active exception")."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1); no-op otherwise. End a
+    successful run with :func:`cleanup`."""
     if dist.is_initialized():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -42,7 +40,6 @@ def init_distributed() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(default_device())
     dist.init_process_group(backend=backend)
-    atexit.register(cleanup)
     return True
 
 
@@ -93,6 +90,12 @@ def main_says(flag: bool, device: torch.device | str = "cpu") -> bool:
 
 
 def cleanup() -> None:
-    """Leave and destroy the process group, if one is up (safe to call twice)."""
+    """Wait for every rank, then destroy the process group, if one is up (a no-op after
+    that). Call it once per process at the end of a successful run: a process that exits
+    with the group alive can abort at exit (gloo: "terminate called without an active
+    exception"). Not after an error: a rank still inside a collective would never reach
+    the barrier, and the exiting rank should let torchrun stop the others instead."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
