@@ -103,23 +103,40 @@ def test_resume_after_kill_gives_same_final_metrics(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``args`` under ``torch.distributed.run`` with two CPU processes (gloo), on a free
-    port (a fixed one can meet another job's rendezvous)."""
+    port (a fixed one can meet another job's rendezvous). On a timeout torchrun is told to
+    stop its workers (SIGTERM, then SIGKILL) and the output so far is in the error."""
     import socket
+    import tempfile
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [*cmd, "--master-port", str(port), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # files, not pipes: a worker left alive would hold a pipe open and block the read
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [*cmd, "--master-port", str(port), *args], env=env, stdout=out, stderr=err
+        )
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.terminate()  # torchrun passes it on to its workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        text, errors = out.read(), err.read()
+    if timed_out:
+        raise AssertionError(f"torchrun timed out after {timeout} s:\n{text}\n{errors}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, text, errors)
 
 
 def test_two_process_gloo_run(tmp_path):
@@ -155,6 +172,33 @@ def test_main_says_gives_every_rank_rank_0s_answer_and_cleanup_ends_the_group(tm
         assert json.loads((tmp_path / f"out.{r}").read_text()) == [True, False, True, False]
         # cleanup destroyed the process group (a live gloo group can abort the exit)
         assert (tmp_path / f"out.{r}.exit").read_text() == "False"
+
+
+def test_a_rank_behind_rank_0_runs_the_stage_rank_0_just_finished(tmp_path):
+    """Rank 0 records a stage as done before a slower rank has started it: the slower rank
+    must still run it (skipping it, it met rank 0 in another collective and hung)."""
+    cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "run", dense={"epochs": 1}, admm={"epochs": 1})
+    script = tmp_path / "behind.py"
+    script.write_text(
+        "import sys, time\n"
+        "from tdcompress.config import load_config\n"
+        "from tdcompress.pipeline import Pipeline\n"
+        "from tdcompress.train.distributed import cleanup, rank\n"
+        "done = Pipeline.done\n"
+        "def slow(self, stage):\n"
+        "    if rank() == 1 and stage == 'plan':\n"
+        "        time.sleep(3)  # rank 0 finishes the plan stage meanwhile\n"
+        "    return done(self, stage)\n"
+        "Pipeline.done = slow\n"
+        "p = Pipeline(load_config(sys.argv[1]))\n"
+        "p.run(('train', 'plan', 'admm'))\n"
+        "r = rank()\n"
+        "cleanup()\n"
+        "open(sys.argv[2] + f'.{r}', 'w').write('ok')\n"
+    )
+    p = torchrun(str(script), str(cfg), str(tmp_path / "out"), timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert all((tmp_path / f"out.{r}").read_text() == "ok" for r in (0, 1))
 
 
 def test_the_cli_ends_a_successful_command_with_cleanup(tmp_path, monkeypatch):

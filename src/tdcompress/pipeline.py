@@ -227,10 +227,10 @@ class Pipeline:
             )
         if src.resolve() == self.out.resolve():
             raise ValueError(f"reuse source {str(src)!r} is this run's own out_dir")
-        mine = self.state()["done"]
-        if any(r.get("reused_from") == str(src) for r in mine.values()):
+        mine = self.state()["done"]  # (rank 0's view below: it writes the state)
+        if main_says(any(r.get("reused_from") == str(src) for r in mine.values()), self.device):
             return []
-        if self._started():
+        if main_says(bool(self._started()), self.device):
             raise ValueError(
                 f"runtime.out_dir {str(self.out)!r} already holds started stages "
                 f"({', '.join(self._started())}); stages are reused into a fresh run folder"
@@ -709,7 +709,10 @@ class Pipeline:
                 raise ValueError(f"unknown stage {s!r}; stages are {list(STAGES)}")
         with self._exclusive():
             for s in stages:
-                if self.done(s) and not force and s not in ("evaluate", "report"):
+                # rank 0's view: it records a stage as done before the others leave it (they
+                # may be behind), and a rank that skipped it would desynchronise the collectives
+                skip = not force and s not in ("evaluate", "report")
+                if skip and main_says(self.done(s), self.device):
                     if is_main():
                         print(f"[{s}] already done, skipping", flush=True)
                     continue
