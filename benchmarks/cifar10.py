@@ -181,7 +181,13 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
         for k in [k for k in pending if any(d in failed for d in deps[k])]:
             pending.remove(k)
             failed[k] = f"skipped: {', '.join(d for d in deps[k] if d in failed)} failed"
-        ready = [k for k in pending if all(d in finished for d in deps[k]) and reuse_ready(k, sets)]
+        # (the reuse check reads a state file: only when a slot is free)
+        free = len(running) < jobs
+        ready = [
+            k
+            for k in pending
+            if all(d in finished for d in deps[k]) and free and reuse_ready(k, sets)
+        ]
         while ready and len(running) < jobs:
             k = ready.pop(0)
             pending.remove(k)
@@ -192,8 +198,11 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
             running[k] = _launch(k, argv, log)
         if not running:
             for k in pending:  # nothing runnable is left: waiting for a reuse source
-                src, stage = REUSE.get(k, ("its dependencies", "last"))
-                failed[k] = f"not started: {src} has not finished its {stage} stage"
+                if k in REUSE:
+                    src, stage = REUSE[k]
+                    failed[k] = f"not started: {src} has not finished its {stage} stage"
+                else:
+                    failed[k] = f"not started: waiting for {', '.join(deps[k])}"
             break
         time.sleep(0.05 if jobs == 1 else 5.0)
         for k, proc in list(running.items()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +119,11 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     # files, not pipes: a worker left alive would hold a pipe open and block the read
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
-            [*cmd, "--master-port", str(port), *args], env=env, stdout=out, stderr=err
+            [*cmd, "--master-port", str(port), *args],
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
         )
         timed_out = False
         try:
@@ -129,7 +134,7 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         out.seek(0)
         err.seek(0)
@@ -443,7 +448,7 @@ def test_reuse_stages_takes_the_matching_prefix_of_another_run(tmp_path, capsys)
     src_rows = [json.loads(x) for x in (src / "metrics.jsonl").read_text().splitlines()]
     assert rows == [r for r in src_rows if r["phase"] in ("dense", "admm")]
     state = b.state()["done"]
-    assert state["admm"]["reused_from"] == str(src)
+    assert state["admm"]["reused_from"] == str(src.resolve())
     assert (
         state["admm"]["test_acc"]
         == json.loads((src / "state.json").read_text())["done"]["admm"]["test_acc"]
@@ -467,3 +472,81 @@ def test_reuse_stages_takes_the_matching_prefix_of_another_run(tmp_path, capsys)
     with pytest.raises(FileNotFoundError, match=r"reuse source .*nowhere.* is not a run folder"):
         c.reuse_stages(tmp_path / "nowhere")
     assert main(["pipeline", str(b_yaml), "--reuse-from", str(tmp_path / "nowhere")]) == 2
+
+
+def test_reuse_stages_is_rerunnable_and_copies_only_complete_stages(tmp_path, monkeypatch):
+    import tdcompress.pipeline as pipeline_mod
+
+    a = load_config(write_cfg(tmp_path / "a.yaml", tmp_path / "a"))
+    Pipeline(a).run(("train", "plan", "admm", "decompose"))
+    src = tmp_path / "a"
+    # nothing matches (other dense settings): nothing taken, yet the folder remembers the
+    # source, so the same command rerun after its own stages have started is accepted
+    other = write_cfg(tmp_path / "o.yaml", tmp_path / "o", dense={"epochs": 1})
+    o = Pipeline(load_config(other))
+    assert o.reuse_stages(src) == []
+    o.run(("train",))
+    assert Pipeline(load_config(other)).reuse_stages(src) == []
+    # the same source written another way (relative) is the same source
+    monkeypatch.chdir(tmp_path)
+    assert Pipeline(load_config(other)).reuse_stages("a") == []
+    # a killed copy (before the state was written) is redone without duplicate rows
+    b_yaml = write_cfg(tmp_path / "b.yaml", tmp_path / "b")
+    real = pipeline_mod.atomic_write_text
+
+    def dies_at_state(path, text):
+        if Path(path).name == "state.json":
+            raise KeyboardInterrupt
+        real(path, text)
+
+    monkeypatch.setattr(pipeline_mod, "atomic_write_text", dies_at_state)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(load_config(b_yaml)).reuse_stages(src)
+    monkeypatch.setattr(pipeline_mod, "atomic_write_text", real)
+    assert Pipeline(load_config(b_yaml)).reuse_stages(src) == ["train", "plan", "admm", "decompose"]
+    rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    src_rows = (src / "metrics.jsonl").read_text().splitlines()
+    assert rows == src_rows  # dense and admm rows, each once
+    # a stage recorded as done whose file is gone ends the prefix (it is run anew)
+    (src / "admm.pt").unlink()
+    c = Pipeline(load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "c")))
+    assert c.reuse_stages(src) == ["train", "plan"]
+    # a source gone after the copy: the run resumes with the same command
+    shutil.rmtree(src)
+    assert Pipeline(load_config(b_yaml)).reuse_stages(src) == []
+
+
+def test_reuse_of_a_deferred_dense_model_needs_the_file_when_the_config_reads_it(tmp_path):
+    dense_ckpt = tmp_path / "later.pt"  # written by another run, not there yet
+    scratch = {"init": "random", "format": "tt", "ranks": 16}
+    sets = {
+        "compress": scratch,
+        "admm": {"epochs": 0},
+        "runtime": {"dense_checkpoint": str(dense_ckpt)},
+    }
+    a_yaml = write_cfg(tmp_path / "a.yaml", tmp_path / "a", **sets)
+    Pipeline(load_config(a_yaml)).run(("train", "plan"))
+    src = tmp_path / "a"
+    assert "deferred" in json.loads((src / "state.json").read_text())["done"]["train"]
+    # another from-scratch config never reads the dense weights: train is taken as deferred
+    b = Pipeline(load_config(write_cfg(tmp_path / "b.yaml", tmp_path / "b", **sets)))
+    assert b.reuse_stages(src) == ["train", "plan"]
+    # one with ADMM reads them: the deferred train stage (no dense.pt) is not taken
+    sets_admm = dict(sets, admm={"epochs": 1})
+    c = Pipeline(load_config(write_cfg(tmp_path / "c.yaml", tmp_path / "c", **sets_admm)))
+    assert c.reuse_stages(src) == []
+
+
+def test_cleanup_leaves_a_process_group_it_did_not_create():
+    import torch.distributed as dist
+
+    from tdcompress.train.distributed import cleanup, init_distributed
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        assert init_distributed()  # joins the caller's group: not ours to destroy
+        cleanup()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -100,6 +100,7 @@ def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from tdcompress.config import load_config
     from tdcompress.pipeline import Pipeline
+    from tdcompress.train.distributed import is_main
 
     sets = list(args.set)
     if args.data_root:
@@ -133,18 +134,18 @@ def _main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"tdcompress: error: {e}", file=sys.stderr)
             return 2
-        what = (
-            ", ".join(taken)
-            or "nothing new (no finished stage with these settings there, or taken already)"
+        what = ", ".join(taken) or (
+            "nothing new (no finished stage with these settings there, or taken already)"
         )
-        print(f"reused from {args.reuse_from}: {what}", flush=True)
+        if is_main():
+            print(f"reused from {args.reuse_from}: {what}", flush=True)
     stages = STAGES if args.command in ("pipeline", "demo") else (args.command,)
     pipe.run(stages, force=args.force)
     if "evaluate" in stages or "report" in stages:
         from tdcompress.report import result_table
 
         res = pipe.state()["done"].get("evaluate", {})
-        if res:
+        if res and is_main():
             rows = result_table(res)
             w = max(len(a) for a, _ in rows)
             print("\n" + "\n".join(f"{a.ljust(w)}  {b}" for a, b in rows))

@@ -150,8 +150,11 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
+    """``src`` copied to ``dst`` through a synced temporary file and a rename."""
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, dst)
 
 
@@ -214,49 +217,72 @@ class Pipeline:
         return _flatten(_merged(type(self.cfg)().to_dict(), saved))
 
     def reuse_stages(self, src: str | Path) -> list[str]:
-        """Take the finished stages of the run folder ``src`` (its files, state and metrics
-        rows) in order for as long as each one's settings, and those of the stages before
-        it, equal this config's: one ADMM phase, then several fine-tunings, say. Needs an
-        ``out_dir`` with no stage started, or one that took its stages from ``src`` already
-        (then nothing is done, so the command can be rerun). Returns the stages taken."""
-        src = Path(src)
-        if not (src / "config.json").is_file() or not (src / "state.json").is_file():
+        """Take the finished stages of the run folder ``src`` (their files, state records
+        and metrics rows) in order for as long as each one's settings, and those of the
+        stages before it, equal this config's and its files are there: one ADMM phase, then
+        several fine-tunings, say. Needs an ``out_dir`` with no stage started, or one that
+        was given the same ``src`` before (then nothing is done, so the command can be
+        rerun, even once ``src`` is gone). Returns the stages taken."""
+        src_dir = Path(src).resolve()
+        key = str(src_dir)
+        # rank 0's view throughout: it writes the state, the other ranks may be behind
+        if main_says(self.state().get("reused_from") == key, self.device):
+            return []
+        if not (src_dir / "config.json").is_file() or not (src_dir / "state.json").is_file():
             raise FileNotFoundError(
                 f"reuse source {str(src)!r} is not a run folder (it needs config.json and "
                 "state.json)"
             )
-        if src.resolve() == self.out.resolve():
+        if src_dir == self.out.resolve():
             raise ValueError(f"reuse source {str(src)!r} is this run's own out_dir")
-        mine = self.state()["done"]  # (rank 0's view below: it writes the state)
-        if main_says(any(r.get("reused_from") == str(src) for r in mine.values()), self.device):
-            return []
         if main_says(bool(self._started()), self.device):
             raise ValueError(
                 f"runtime.out_dir {str(self.out)!r} already holds started stages "
-                f"({', '.join(self._started())}); stages are reused into a fresh run folder"
+                f"({', '.join(self._started())}) and was not given this reuse source "
+                "before: stages are reused into a fresh run folder (to resume this one, "
+                "drop --reuse-from)"
             )
-        old, done = self._config_of(src), json.loads((src / "state.json").read_text())["done"]
+        old, done = self._config_of(src_dir), json.loads((src_dir / "state.json").read_text())
+        done = done["done"]
         taken: list[str] = []
         guarded: list[str] = []
         for s in _REUSABLE:
             guarded += _STAGE_CONFIG.get(s, ())
             if s not in done or _changed_keys(old, self.cfg, guarded):
                 break
+            if not all((src_dir / f).is_file() for f in self._files_needed(s, done[s])):
+                break  # (a stage recorded as done whose files were removed)
             taken.append(s)
-        if is_main() and taken:
-            for s in taken:
-                for name in _STAGE_FILES[s]:
-                    if (src / name).exists():
-                        _copy_atomic(src / name, self.out / name)
-            phases = {_STAGE_PHASE.get(s, s) for s in taken}
-            for rec in read_metrics(src / "metrics.jsonl"):
-                if rec.get("phase") in phases:
-                    self.log.write(**rec)
-            st = self.state()
-            st["done"].update({s: dict(done[s], reused_from=str(src)) for s in taken})
-            atomic_write_text(self._state_path, json.dumps(st, indent=2))
-        barrier()
+        with self._exclusive():
+            if is_main():
+                for s in taken:
+                    for name in _STAGE_FILES[s]:
+                        if (src_dir / name).is_file():
+                            _copy_atomic(src_dir / name, self.out / name)
+                # the folder has no started stage, so any rows there are of an interrupted
+                # copy: replaced, not appended to
+                phases = {_STAGE_PHASE.get(s, s) for s in taken}
+                rows = [
+                    r for r in read_metrics(src_dir / "metrics.jsonl") if r.get("phase") in phases
+                ]
+                text = "".join(json.dumps(r) + "\n" for r in rows)
+                atomic_write_text(self.out / "metrics.jsonl", text)
+                st = self.state()
+                st["done"].update({s: dict(done[s], reused_from=key) for s in taken})
+                st["reused_from"] = key  # last: a kill before it leaves a rerunnable copy
+                atomic_write_text(self._state_path, json.dumps(st, indent=2))
+            barrier()
         return taken
+
+    def _files_needed(self, stage: str, record: dict[str, Any]) -> tuple[str, ...]:
+        """The files a finished ``stage`` with state ``record`` must have left to be reused:
+        all of :data:`_STAGE_FILES` but a skipped ADMM phase's ``admm.pt`` and a deferred
+        train stage's ``dense.pt`` when this config never reads the dense weights."""
+        if stage == "admm" and "skipped" in record:
+            return ()
+        if stage == "train" and "deferred" in record and dense_weights_unused(self.cfg):
+            return ()
+        return _STAGE_FILES[stage]
 
     @property
     def _state_path(self) -> Path:

@@ -22,6 +22,10 @@ __all__ = [
 ]
 
 
+#: whether init_distributed created the process group (then cleanup() may destroy it)
+_OWN_GROUP = False
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -40,6 +44,8 @@ def init_distributed() -> bool:
     if backend == "nccl":
         torch.cuda.set_device(default_device())
     dist.init_process_group(backend=backend)
+    global _OWN_GROUP
+    _OWN_GROUP = True
     return True
 
 
@@ -94,8 +100,11 @@ def cleanup() -> None:
     that). Call it once per process at the end of a successful run: a process that exits
     with the group alive can abort at exit (gloo: "terminate called without an active
     exception"). Not after an error: a rank still inside a collective would never reach
-    the barrier, and the exiting rank should let torchrun stop the others instead."""
-    if dist.is_available() and dist.is_initialized():
+    the barrier, and the exiting rank should let torchrun stop the others instead. A group
+    that :func:`init_distributed` did not create is left to its creator."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_available() and dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+    _OWN_GROUP = False
