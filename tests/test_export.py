@@ -266,6 +266,7 @@ def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
     hint = next(x for x in out if x.startswith("export: ")).removeprefix("export: ")
     argv = shlex.split(hint.split("  (or")[0])
     assert argv[:3] == ["tdcompress", "export", str(path)] and "finetune.epochs=1" in argv
+    assert argv[-2:] == ["--format", "onnx" if HAS_ONNX else "pt2"]  # what is installed
     argv = ["pt2" if a == "onnx" else a for a in argv[1:]]
     assert main([*argv, "--batch-size", "3"]) == 0
     assert "model.pt2 (pt2" in capsys.readouterr().out
@@ -305,3 +306,19 @@ def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"weights must be one of .*got 'admm'"):
         p.export(weights="admm")
     assert json.loads((p.out / "state.json").read_text())["done"]["finetune"]
+
+
+def test_the_export_hint_names_a_format_that_is_installed(monkeypatch):
+    import argparse
+    import importlib.util
+
+    from tdcompress.cli import _export_command
+
+    args = argparse.Namespace(
+        command="pipeline", config="c.yaml", set=[], data_root=None, out_dir=None
+    )
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m: None if m == "onnx" else real(m))
+    hint = _export_command(args)
+    assert hint.startswith("tdcompress export c.yaml --format pt2")
+    assert "tdcompress[onnx]" in hint

@@ -163,7 +163,14 @@ def _export_command(args: argparse.Namespace) -> str:
         words += ["--data-root", args.data_root]
     if args.out_dir:
         words += ["--out-dir", args.out_dir]
-    return shlex.join([*words, "--format", "onnx"]) + "  (or --format pt2)"
+    # ONNX needs the [onnx] extra: suggest it only where it is installed
+    import importlib.util
+
+    have_onnx = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+    first, other = (
+        ("onnx", "pt2") if have_onnx else ("pt2", "onnx, with pip install 'tdcompress[onnx]'")
+    )
+    return shlex.join([*words, "--format", first]) + f"  (or --format {other})"
 
 
 if __name__ == "__main__":
