@@ -303,6 +303,14 @@ def test_cli_exports_the_runs_finetuned_model(tmp_path, capsys):
         torch.testing.assert_close(got, _eager(model, xn), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"batch_size must be an int >= 1, got 0"):
         p.export(batch_size=0)
+    import tdcompress.pipeline as pipeline_mod
+
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun each rank would write the file
+        mp.setattr(pipeline_mod, "world_size", lambda: 2)
+        with pytest.raises(
+            RuntimeError, match=r"export runs in one process, not under torchrun \(2 ranks\)"
+        ):
+            p.export()
     with pytest.raises(ValueError, match=r"weights must be one of .*got 'admm'"):
         p.export(weights="admm")
     assert json.loads((p.out / "state.json").read_text())["done"]["finetune"]

@@ -691,6 +691,11 @@ class Pipeline:
         ``<out_dir>/model.<format>`` (``model-<weights>.<format>`` for the other weights)."""
         from tdcompress.export import EXPORT_FORMATS, export_model
 
+        if world_size() > 1:  # every rank would write the same file
+            raise RuntimeError(
+                f"export runs in one process, not under torchrun ({world_size()} ranks): "
+                "run `tdcompress export` on its own"
+            )
         stage = {"finetuned": "finetune", "decomposed": "decompose", "dense": "train"}
         if weights not in stage:
             raise ValueError(f"weights must be one of {sorted(stage)}, got {weights!r}")
