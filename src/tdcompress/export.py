@@ -234,11 +234,9 @@ def _require(module: str, what: str) -> None:
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` in ``like``'s memory format (channels_last or contiguous): the factorized layers
     plan a channels_last input differently, and the traced graph keeps that plan."""
-    cl = (
-        like.dim() == 4
-        and like.is_contiguous(memory_format=torch.channels_last)
-        and not like.is_contiguous()
-    )
+    from tdcompress.layers._base import is_channels_last
+
+    cl = is_channels_last(like)
     return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "warm_plans",
     "plan_batch",
     "size_hint",
+    "is_channels_last",
 ]
 
 
@@ -571,6 +572,17 @@ def size_hint(n: int | torch.SymInt) -> int:
     return int(n.node.hint)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-d tensor laid out channels_last (NHWC) and not also NCHW
+    contiguous (as a tensor with one channel or one pixel is): the layouts the factorized
+    layers plan differently."""
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def plan_batch(n: int | torch.SymInt) -> int:
     """The batch size to plan a forward for: ``n``, or for a symbolic ``n`` its hint but at
     least 2, so that the plan keeps the batch dimension and runs any batch size."""
@@ -763,11 +775,7 @@ def conv_forward(
     # B plans (the reshapes leave the batch to run time: -1); H and W are static
     B, H, W = plan_batch(x.shape[0]), int(x.shape[2]), int(x.shape[3])
     # channels_last input: 1x1 stages as convs (GEMMs on the NHWC layout), output NHWC
-    nhwc = (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
+    nhwc = is_channels_last(x)
     key = (B, H, W, nhwc)
     plan = layer._plans.get(key)
     if plan is None:

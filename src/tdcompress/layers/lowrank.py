@@ -16,7 +16,13 @@ from torch import nn
 import tdcompress.formats.lowrank  # noqa: F401  (registers the "svd" format)
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.lowrank import best_plan, lowrank_plans
-from tdcompress.layers._base import FactorizedLayer, cache_plan, plan_batch, size_hint
+from tdcompress.layers._base import (
+    FactorizedLayer,
+    cache_plan,
+    is_channels_last,
+    plan_batch,
+    size_hint,
+)
 
 __all__ = [
     "LowRankLinear",
@@ -307,7 +313,7 @@ def pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     slower than a GEMM. A channels_last input stays channels_last."""
     n, c, h, wd = x.shape  # (n is symbolic under a dynamic-batch export: reshapes use -1)
     o = w.shape[0]
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if is_channels_last(x):
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
         y = rows @ w.t() if bias is None else torch.addmm(bias, rows, w.t())
         return y.reshape(-1, h, wd, o).permute(0, 3, 1, 2)
