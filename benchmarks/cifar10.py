@@ -70,6 +70,11 @@ RUNS: dict[str, tuple[str, str, float | None]] = {
         "admm",
         91.03,
     ),
+    "resnet20_tt_6.8x_wd_e90": (
+        "ResNet-20 ADMM -> TT 6.8x, fine-tune weight decay 1e-4, 90-epoch budget",
+        "admm",
+        91.03,
+    ),
     "resnet20_tt_6.8x_dtf_e90": ("ResNet-20 TT-SVD + fine-tune 6.8x, 90-epoch budget", "dtf", None),
     "resnet20_tt_6.8x_scratch_e90": (
         "ResNet-20 TT from scratch 6.8x, 90-epoch budget",
@@ -81,6 +86,7 @@ RUNS: dict[str, tuple[str, str, float | None]] = {
 # of repeating them: key -> (source run, the stage it must have finished first)
 REUSE: dict[str, tuple[str, str]] = {
     "resnet20_tt_6.8x_kd_e90": ("resnet20_tt_6.8x_e90", "decompose"),
+    "resnet20_tt_6.8x_wd_e90": ("resnet20_tt_6.8x_e90", "decompose"),
 }
 PAPER_NOTE = (
     "Paper figures: Yin et al. 2021, Table 2 (200 dense epochs before ADMM; the paper's "
