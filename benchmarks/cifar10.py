@@ -444,18 +444,27 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
         for m, b in (("resnet20", 30), ("resnet32", 30), ("resnet20", 90))
         if any(r["model"] == m and budget(r["key"]) == b and r["curve"] for r in doc["runs"])
     ] or [("resnet20", 30)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), sharey=True)
-    axes = list(axes) if len(panels) > 1 else [axes]
+    # one row per panel, the legend to the right of its panel (long run labels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4.0 * len(panels)), squeeze=False)
+    axes = [a for row in axes for a in row]
     for ax, (model, b) in zip(axes, panels):
         runs = [
             r for r in doc["runs"] if r["model"] == model and budget(r["key"]) == b and r["curve"]
         ]
         for r in runs:
-            ys = [100 * c["test_acc"] for c in r["curve"]]
+            # a run that took another's ADMM phase (REUSE) has that run's ADMM rows: draw
+            # only its own fine-tuning, at the same epochs of the run
+            shared = r["key"] in REUSE and REUSE[r["key"]][1] in ("admm", "decompose")
+            pts = [
+                (i, 100 * c["test_acc"])
+                for i, c in enumerate(r["curve"], 1)
+                if not (shared and c["phase"] == "admm")
+            ]
+            label = r["label"] + (" (fine-tuning only; ADMM phase as above)" if shared else "")
             ax.plot(
-                range(1, len(ys) + 1),
-                ys,
-                label=r["label"],
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                label=label,
                 lw=1.4,
                 ls="--" if r["method"] == "dense" else "-",
             )
@@ -468,8 +477,8 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
         ax.set_ylim(60, 95)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
-    axes[0].set_ylabel("top-1 (%)")
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        ax.set_ylabel("top-1 (%)")
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
     return None
