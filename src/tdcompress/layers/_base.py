@@ -38,6 +38,9 @@ __all__ = [
     "cache_plan",
     "warm_plans",
     "plan_batch",
+    "batch_key",
+    "planned_batch",
+    "DYNAMIC",
     "size_hint",
     "is_channels_last",
 ]
@@ -591,6 +594,36 @@ def plan_batch(n: int | torch.SymInt) -> int:
     return int(n)
 
 
+#: the batch entry of a plan-cache key under ``torch.compile`` for any batch of at least 2
+#: samples: one plan, which runs every batch size, so a batch left symbolic
+#: (``dynamic=True``) needs no guard on its value and one graph serves every batch size
+DYNAMIC = -1
+#: the batch a :data:`DYNAMIC` plan is made for when the layer has no plan of the same shape
+#: for a known batch size (:func:`warm_plans` gives it the largest warmed one)
+DYNAMIC_PLAN_BATCH = 32
+
+
+def batch_key(n: int | torch.SymInt) -> int:
+    """The batch entry of a layer's plan-cache key for a batch (or row count) ``n``:
+    :func:`plan_batch` of it in eager mode and under ``torch.export`` (which reads a
+    symbolic size's hint without a guard). While ``torch.compile`` traces, a symbolic size
+    looks like an int and reading it would specialise the graph to it, so every ``n >= 2``
+    maps to :data:`DYNAMIC` (symbolic sizes are never 1 there: compile specialises 0 and 1)."""
+    if torch.compiler.is_dynamo_compiling():
+        return 1 if n == 1 else DYNAMIC
+    return plan_batch(n)
+
+
+def planned_batch(plans: dict, key: tuple) -> int:
+    """The batch size to plan ``key`` of a layer's plan cache ``plans`` for: ``key[0]``; for
+    a :data:`DYNAMIC` key the largest batch (>= 2) of a cached plan with the same other
+    entries, else :data:`DYNAMIC_PLAN_BATCH`."""
+    if key[0] != DYNAMIC:
+        return key[0]
+    known = [k[0] for k in plans if k[0] >= 2 and k[1:] == key[1:]]
+    return max(known, default=DYNAMIC_PLAN_BATCH)
+
+
 def ring_ranks(format_name: str, spec_ranks: Sequence[int]) -> tuple[int, ...]:
     """The d+1 ring ranks of a resolved TT (d-1 bond ranks) or TR (d ranks) spec."""
     r = tuple(int(v) for v in spec_ranks)
@@ -773,7 +806,7 @@ def conv_forward(
             f"got {tuple(x.shape)}"
         )
     # B plans (the reshapes leave the batch to run time: -1); H and W are static
-    B, H, W = plan_batch(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+    B, H, W = batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3])
     # channels_last input: 1x1 stages as convs (GEMMs on the NHWC layout), output NHWC
     nhwc = is_channels_last(x)
     key = (B, H, W, nhwc)
@@ -783,7 +816,13 @@ def conv_forward(
         plan = cache_plan(
             layer._plans,
             key,
-            lambda: st.plan_conv(B, (H, W), g.output_hw((H, W)), pre_mode=mode, post_mode=mode),
+            lambda: st.plan_conv(
+                planned_batch(layer._plans, key),
+                (H, W),
+                g.output_hw((H, W)),
+                pre_mode=mode,
+                post_mode=mode,
+            ),
         )
     cores = list(layer.cores)
     conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
@@ -822,7 +861,7 @@ def conv_forward(
         w = kern.permute(0, 3, 1, 2)  # (ra, ra1, kh, kw)
         t = t.reshape(-1, ra1, H, W)
         training = torch.is_grad_enabled() and not torch.jit.is_tracing()
-        if nhwc or (training and B * r0 > 1):
+        if nhwc or (training and (B != 1 or r0 > 1)):  # (B may be DYNAMIC)
             # oneDNN's backward of a conv with few channels is 2-4x faster in NHWC; the
             # forward alone gains nothing from the conversion
             t = t.contiguous(memory_format=torch.channels_last)
@@ -867,7 +906,9 @@ def warm_plans(
     """Run ``model`` once per input shape (zeros of its parameters' dtype, on ``device`` or
     theirs; eval mode, no grad; BatchNorm statistics and RNG untouched) so that every
     factorized layer has its contraction plan for the shapes it will see. Call before
-    ``torch.compile``. Returns the number of factorized layers."""
+    ``torch.compile``. Each shape with a batch of at least 2 also serves a batch that
+    ``torch.compile`` leaves symbolic (``dynamic=True``; :data:`DYNAMIC`), with the plan of
+    the largest such batch warmed. Returns the number of factorized layers."""
     layers = [m for m in model.modules() if hasattr(m, "_plans")]
     if not layers:
         return 0
@@ -887,6 +928,9 @@ def warm_plans(
     finally:
         for m, t in zip(model.modules(), was):
             m.training = t
+    for m in layers:  # the plans for a symbolic batch: those of the largest warmed batch
+        for k in sorted((k for k in m._plans if k[0] >= 2), key=lambda k: k[0]):
+            m._plans[(DYNAMIC, *k[1:])] = m._plans[k]
     return len(layers)
 
 
@@ -903,11 +947,12 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
             f"got shape {tuple(x.shape)}"
         )
     lead = x.shape[:-1]  # (symbolic under a dynamic-batch export: left to run time)
-    B = plan_batch(math.prod(lead)) if lead else 1
-    key = (B,)
+    key = (batch_key(math.prod(lead)) if lead else 1,)
     plan = layer._plans.get(key)
     if plan is None:
-        plan = cache_plan(layer._plans, key, lambda: st.plan_linear(B)[0])
+        plan = cache_plan(
+            layer._plans, key, lambda: st.plan_linear(planned_batch(layer._plans, key))[0]
+        )
     y = run_steps(plan, [x.reshape(-1, *st.inf), *layer.cores])
     y = y.reshape(*lead, g.out_features)
     return y if layer.bias is None else y + layer.bias

@@ -18,10 +18,10 @@ from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.lowrank import best_plan, lowrank_plans
 from tdcompress.layers._base import (
     FactorizedLayer,
+    batch_key,
     cache_plan,
     is_channels_last,
-    plan_batch,
-    size_hint,
+    planned_batch,
 )
 
 __all__ = [
@@ -111,10 +111,13 @@ class SmallFactorizedLayer(FactorizedLayer):
                 self.bias.uniform_(-bound, bound)
 
     def _plan(self, key: tuple[int, ...], plans: Any) -> str:
-        """The cached plan for ``key``; ``plans()`` gives the MACs of each plan."""
+        """The cached plan for ``key`` (batch first); ``plans(batch)`` gives the MACs of
+        each plan for ``batch`` samples."""
         plan = self._plans.get(key)
         if plan is None:
-            plan = cache_plan(self._plans, key, lambda: best_plan(plans()))
+            plan = cache_plan(
+                self._plans, key, lambda: best_plan(plans(planned_batch(self._plans, key)))
+            )
         return plan
 
     def _shape_repr(self) -> str:
@@ -188,8 +191,8 @@ class LowRankLinear(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have last dimension {g.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
-        rows = plan_batch(math.prod(x.shape[:-1]))
-        plan = self._plan((rows,), lambda: lowrank_plans(g, self.rank, rows))
+        rows = batch_key(math.prod(x.shape[:-1]))
+        plan = self._plan((rows,), lambda b: lowrank_plans(g, self.rank, b))
         A, B = self.cores[0], self.cores[1]
         if plan == "dense":
             return F.linear(x, A @ B, self.bias)
@@ -280,8 +283,8 @@ class LowRankConv2d(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have shape (N, {g.in_features}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        n, h, w = plan_batch(x.shape[0]), int(x.shape[2]), int(x.shape[3])
-        plan = self._plan((n, h, w), lambda: lowrank_plans(g, self.rank, n, (h, w)))
+        n, h, w = batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+        plan = self._plan((n, h, w), lambda b: lowrank_plans(g, self.rank, b, (h, w)))
         conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
         if plan == "dense":
             return F.conv2d(x, self.to_dense(), self.bias, **conv)
@@ -302,7 +305,7 @@ def training_nhwc(x: torch.Tensor) -> bool:
     return (
         torch.is_grad_enabled()
         and not torch.jit.is_tracing()
-        and size_hint(x.shape[0]) > 1
+        and batch_key(x.shape[0]) != 1
         and x.is_contiguous()
     )
 

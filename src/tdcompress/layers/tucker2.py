@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import tdcompress.formats.tucker2  # noqa: F401  (registers the "tucker2" format)
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.tucker2 import reconstruct_order, tucker2_plans
-from tdcompress.layers._base import FactorizedLayer, plan_batch
+from tdcompress.layers._base import FactorizedLayer, batch_key
 from tdcompress.layers.lowrank import (
     SmallFactorizedLayer,
     _conv_repr,
@@ -125,9 +125,9 @@ class Tucker2Conv2d(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have shape (N, {g.in_features}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        n, h, w = plan_batch(x.shape[0]), int(x.shape[2]), int(x.shape[3])
+        n, h, w = batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3])
         ranks = tuple(self.spec.ranks)
-        plan = self._plan((n, h, w), lambda: tucker2_plans(g, ranks, n, (h, w)))
+        plan = self._plan((n, h, w), lambda b: tucker2_plans(g, ranks, b, (h, w)))
         conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}
         u_out, core, u_in = self.cores[0], self.cores[1], self.cores[2]
         if plan == "dense":
