@@ -337,6 +337,23 @@ def test_bad_input():
         ADMM(model, p, rho=-1)
 
 
+def test_a_plan_refuses_a_model_whose_layer_computes_something_else():
+    # same weight shape, other stride and bias: a layer built from the plan would compute
+    # another function (it did, with a relative error of 0 in the report)
+    planned = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, bias=False))
+    p = plan(planned, "tt", ranks=3, include=["1"])
+    other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2))
+    msg = (
+        r"1: the model's layer differs from the plan's: "
+        r"stride=\(2, 2\) \(planned \(1, 1\)\), bias=True"
+    )
+    with pytest.raises(ValueError, match=msg):
+        decompose(other, p)
+    with pytest.raises(ValueError, match=msg):
+        ADMM(other, p)
+    decompose(planned, p)  # the planned model itself passes
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 

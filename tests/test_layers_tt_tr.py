@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 from torch import nn
 
-from tdcompress.formats.base import get_format
+from tdcompress.formats.base import LayerGeometry, get_format
 from tdcompress.layers.tr import TRConv2d, TRLinear
 from tdcompress.layers.tt import TTConv2d, TTLinear
 
@@ -204,6 +204,69 @@ def test_layer_errors() -> None:
     conv = TTConv2d(4, 6, 3, 2)
     with pytest.raises(ValueError, match=r"TTConv2d: input must have shape \(N, 4, H, W\)"):
         conv(torch.randn(1, 5, 8, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (
+            {"kernel_size": (2.9, 3)},
+            r"kernel_size must be an int or a pair of ints, got \(2.9, 3\)",
+        ),
+        ({"kernel_size": "33"}, "kernel_size must be an int or a pair of ints, got '33'"),
+        ({"stride": (1.5, 1)}, r"stride must be an int or a pair of ints"),
+        ({"padding": (0.7, 0)}, r"padding must be an int or a pair of ints"),
+        ({"padding": True}, r"padding must be an int or a pair of ints, got True"),
+        ({"stride": 0}, r"stride must be ints >= 1, got \(0, 0\)"),
+        ({"padding": -1}, r"padding must be ints >= 0, got \(-1, -1\)"),
+    ],
+)
+def test_conv_arguments_are_refused_not_truncated(kwargs, msg) -> None:
+    args = {"kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=msg):
+        TTConv2d(4, 6, args.pop("kernel_size"), 2, **args)
+
+
+def test_from_factors_refuses_a_bias_it_cannot_hold() -> None:
+    fmt = get_format("tt")
+    for bias_planned, bias, msg in [
+        (False, torch.ones(6), "bias given for a geometry with bias=False"),
+        (True, torch.ones(1), r"bias must have out_features=6 values, got shape \(1,\)"),
+    ]:
+        dense = nn.Linear(12, 6, bias=bias_planned)
+        geo = LayerGeometry.from_module(dense)
+        spec = fmt.resolve(geo, 2)
+        with pytest.raises(ValueError, match=msg):
+            fmt.build(geo, fmt.decompose(dense.weight, spec), spec, bias)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TTConv2d(8, 6, 3, 3, padding=1, bias=True),
+        lambda: TRConv2d(8, 6, 3, 2, padding=1, bias=True),
+        lambda: TTLinear(12, 6, 2, bias=True),
+        lambda: TRLinear(12, 6, 2, bias=True),
+    ],
+)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_output_dtype_under_autocast_is_that_of_the_dense_layer(make, batch) -> None:
+    # the dense layers give bf16 under CPU autocast; a float32 bias must not promote ours
+    layer = make()
+    x = (
+        torch.randn(batch, 8, 6, 6)
+        if isinstance(layer, nn.Module) and "Conv" in type(layer).__name__
+        else torch.randn(batch, 12)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = (
+        F.conv2d(x, layer.to_dense(), layer.bias, padding=1)
+        if x.dim() == 4
+        else F.linear(x, layer.to_dense(), layer.bias)
+    )
+    torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize(

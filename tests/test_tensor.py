@@ -174,6 +174,21 @@ def test_tr_properties():
     assert [c.shape[0] for c in got] == [2, 3, 2, 2] and got[-1].shape[2] == 2
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_tr_of_a_tall_float32_unfolding_is_exact_at_full_rank(method):
+    # a first unfolding (300 x 9) taller than wide takes the Gram path that needs singular
+    # vectors (U = M V / s); with a spectrum spanning 1e6 the float64 eigenvectors must not
+    # be rounded to float32 before that product (the error was 5e-3 when they were)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 9, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(9, 9, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -6, 9, dtype=torch.float64)
+    x = ((u * s) @ v.T).float().reshape(300, 3, 3)
+    cores = tr_svd(x, [3, 3, 9], method=method)  # r0 * r1 = 9: full rank, exact
+    err = (tr_to_tensor(cores).double() - x.double()).norm() / x.double().norm()
+    assert err < 1e-6
+
+
 # ---------------------------------------------------------------- Tucker
 def test_tucker_hooi_matches_tensorly_partial_tucker():
     w = rand(8, 6, 3, 3, seed=4)
@@ -288,6 +303,27 @@ def test_bad_input(call, exc, msg):
     x = rand(3, 4, 5, 2)
     with pytest.raises(exc, match=msg):
         call(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_finite_half_precision_values_are_accepted(dtype):
+    # 16 x 16 entries of 300 sum to 76,800: beyond float16's range (65,504), yet finite
+    x = torch.full((16, 16), 300.0, dtype=dtype)
+    A, B = lowrank_svd(x, 1)
+    torch.testing.assert_close((A.float() @ B.float()), x.float(), rtol=1e-2, atol=0)
+    assert len(tt_svd(x, 1)) == 2
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowrank_svd(x.clone().fill_(float("inf")), 1)
+
+
+def test_factors_never_share_memory_with_the_input():
+    # steps that truncate nothing return their input matrix as a factor: it must be a copy
+    for fn in (lambda x: tt_svd(x, 5), lambda x: lowrank_svd(x, 3)):
+        x = rand(3, 5)
+        before = x.clone()
+        for f in fn(x):
+            f.mul_(0)
+        assert torch.equal(x, before)
 
 
 def test_cores_must_chain():

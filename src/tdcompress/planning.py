@@ -10,7 +10,7 @@ import fnmatch
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +259,21 @@ class CompressionPlan:
                     f"{lp.param}: weight shape {got} differs from the planned "
                     f"{lp.geometry.weight_shape}"
                 )
+            # a layer built from the plan must compute what the module does: same stride,
+            # padding, dilation, groups and bias, not only the same weight shape
+            mod = model.get_submodule(lp.param.rsplit(".", 1)[0])
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                geo = LayerGeometry.from_module(mod)
+                diff = [
+                    f"{f.name}={getattr(geo, f.name)!r} (planned {getattr(lp.geometry, f.name)!r})"
+                    for f in fields(geo)
+                    if getattr(geo, f.name) != getattr(lp.geometry, f.name)
+                ]
+                if diff:
+                    raise ValueError(
+                        f"{lp.name}: the model's layer differs from the plan's: {', '.join(diff)}; "
+                        "plan this model again"
+                    )
 
 
 # -------------------------------------------------------------------- planning

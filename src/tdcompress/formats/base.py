@@ -9,6 +9,7 @@ MAC counts, so projection and decomposition cannot disagree:
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,13 +29,16 @@ __all__ = [
 ]
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _pair(v: int | tuple[int, ...], name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
+    """``v`` as a pair of ints; floats, strings and bools are refused, not truncated."""
+    items = (v, v) if _is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if items is None or len(items) != 2 or not all(_is_int(a) for a in items):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return t  # type: ignore[return-value]
+    return (int(items[0]), int(items[1]))
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,11 @@ class LayerGeometry:
                 raise ValueError(f"{nm} must be a positive int, got {v!r}")
         for nm in ("kernel_size", "stride", "padding", "dilation"):
             object.__setattr__(self, nm, _pair(getattr(self, nm), nm))
+            low = 0 if nm == "padding" else 1
+            if min(getattr(self, nm)) < low:
+                raise ValueError(f"{nm} must be ints >= {low}, got {getattr(self, nm)}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias must be a bool, got {self.bias!r}")
 
     @classmethod
     def linear(cls, in_features: int, out_features: int, bias: bool = True) -> LayerGeometry:

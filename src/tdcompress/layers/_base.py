@@ -751,7 +751,19 @@ class FactorizedLayer(nn.Module):
         spec: FactorSpec,
         bias: torch.Tensor | None = None,
     ) -> FactorizedLayer:
-        """A layer holding copies of ``factors`` (parameter-shaped cores) and ``bias``."""
+        """A layer holding copies of ``factors`` (parameter-shaped cores) and ``bias``
+        (``out_features`` values; only for a geometry with ``bias=True``)."""
+        if bias is not None:
+            if not geometry.bias:
+                raise ValueError(
+                    f"{cls.__name__}: bias given for a geometry with bias=False; "
+                    "plan the layer with bias=True or pass bias=None"
+                )
+            if bias.numel() != geometry.out_features:
+                raise ValueError(
+                    f"{cls.__name__}: bias must have out_features={geometry.out_features} "
+                    f"values, got shape {tuple(bias.shape)}"
+                )
         f0 = factors[0]
         layer = cls._from_spec(geometry, spec, device=f0.device, dtype=f0.dtype)
         if len(factors) != len(layer.cores):
@@ -935,7 +947,8 @@ def warm_plans(
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return y if bias is None else y + bias.reshape(1, -1, 1, 1)
+    # (in y's dtype, as nn.Conv2d under autocast: a float32 bias would promote a bf16 y)
+    return y if bias is None else y + bias.to(y.dtype).reshape(1, -1, 1, 1)
 
 
 def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
@@ -955,4 +968,4 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
         )
     y = run_steps(plan, [x.reshape(-1, *st.inf), *layer.cores])
     y = y.reshape(*lead, g.out_features)
-    return y if layer.bias is None else y + layer.bias
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)

@@ -58,13 +58,8 @@ def conv_geometry(
             groups=groups,
             bias=bool(bias),
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # (LayerGeometry checks types and ranges)
         raise ValueError(f"{layer_name}: {e}") from None
-    for nm in ("kernel_size", "stride", "dilation"):
-        if min(getattr(g, nm)) < 1:
-            raise ValueError(f"{layer_name}: {nm} must be ints >= 1, got {getattr(g, nm)}")
-    if min(g.padding) < 0:
-        raise ValueError(f"{layer_name}: padding must be ints >= 0, got {g.padding}")
     return g
 
 

@@ -28,7 +28,9 @@ def check_tensor(x: object, name: str = "x", min_ndim: int = 1) -> torch.Tensor:
     # One device sync: the only way to refuse NaN/Inf instead of returning garbage. A sum
     # is NaN/Inf iff an entry is (or the values overflow, which is refused as well) and
     # costs one read of x, several times cheaper than isfinite().all().
-    if not bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else None))):
+    # (summed in float32 at least: a float16 sum overflows at 65504 on finite values)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not bool(torch.isfinite(x.sum(dtype=acc))):
         raise ValueError(f"{name} contains NaN or Inf values")
     return x
 

@@ -89,7 +89,7 @@ def truncate(
         return U[..., :k], S[..., :k, None] * Vh[..., :k, :], None, used
     if exact_ok and k >= m:  # nothing to truncate on the row side: identity core, exact
         eye = torch.eye(m, dtype=M.dtype, device=M.device).expand(*M.shape[:-2], m, m)
-        return eye, M, None, 0.0
+        return eye, M.clone(), None, 0.0  # (M may be a view of the caller's input)
     if exact_ok and m > n and k >= n:  # tall matrix kept at full column rank: QR is exact
         Q, R = torch.linalg.qr(M)
         return Q, R, None, 0.0
@@ -104,12 +104,14 @@ def truncate(
         k = rank_for_tolerance(w, budget_sq, k)
         used = float(w[k:].sum())
     flag = _guard(w, k, Mg.dtype)
+    if not wide and singular_vectors:
+        # left singular vectors from the right ones, U = M V / s, with V as the eigensolver
+        # gave it (float64 for "gram64"): rounded first, U loses orthogonality as s falls
+        s = w[..., :k].sqrt().clamp_min(torch.finfo(M.dtype).tiny)
+        Q = (M.double() @ V[..., :k].double()) / s[..., None, :]
+        return Q.to(M.dtype), (Q.mT @ M.double()).to(M.dtype), flag, used
     V = V.to(M.dtype)
-    if wide or singular_vectors:
-        if not wide:  # left singular vectors from the right ones: U = M V / s
-            s = w[..., :k].sqrt().clamp_min(torch.finfo(M.dtype).tiny)
-            Q = (M.double() @ V[..., :k].double()) / s[..., None, :]
-            return Q.to(M.dtype), (Q.mT @ M.double()).to(M.dtype), flag, used
+    if wide:
         Q = V[..., :k]
     else:
         Q, _ = torch.linalg.qr(M @ V[..., :k])  # spans the top-k left subspace
