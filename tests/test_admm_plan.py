@@ -294,6 +294,34 @@ def test_equal_ratio_meets_targets_that_need_two_layers_to_move(fmt, target):
     assert abs(p.ratio / target - 1) <= 0.03
 
 
+def test_macs_count_every_call_of_a_shared_layer_and_both_lstm_directions():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.b(self.a(torch.relu(self.a(x))))
+
+    p = plan(Twice(), "tt", ranks=2, include=["a"], input_shape=(1, 16))
+    assert p.model_macs == 2 * 16 * 16 + 16 * 10
+    (lp,) = p.layers
+    assert lp.dense_macs == 2 * 16 * 16 and lp.steps == 2
+
+    class Bi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    p = plan(Bi(), "tt", ranks=2, include=["fc"], input_shape=(1, 5, 8))
+    # per direction and step 4h(i + h): layer 0 reads 8 inputs, layer 1 both directions' 32
+    assert p.model_macs == 2 * 5 * 4 * 16 * (8 + 16) + 2 * 5 * 4 * 16 * (32 + 16) + 32 * 4
+
+
 def test_macs_target_names_layers_that_see_no_input():
     class Unused(nn.Module):
         def __init__(self):

@@ -229,6 +229,76 @@ def test_unknown_config_keys_are_rejected_with_the_valid_ones(tmp_path, capsys):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_numbers_in_exponent_notation_are_numbers_and_strings_are_refused():
+    # YAML 1.1 reads 5e-3 (no dot) as a string: it reached the optimizer and failed there
+    cfg = load_config(None, ["finetune.optim.lr=5e-3", "admm.rho=1e-5", "admm.rho_max=1e9"])
+    assert (cfg.finetune.optim.lr, cfg.admm.rho, cfg.admm.rho_max) == (0.005, 1e-5, 1e9)
+    assert load_config(None, ["compress.target_ratio=6e0"]).compress.target_ratio == 6.0
+    for bad, msg in [
+        ("compress.target_ratio=abc", "compress.target_ratio must be a number, got 'abc'"),
+        ("runtime.threads=two", "runtime.threads must be an int, got 'two'"),
+        ("admm.optim.milestones=[0.5, x]", r"admm\.optim\.milestones\[1\] must be a number"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            load_config(None, [bad])
+
+
+@pytest.mark.parametrize(
+    "sets,msg",
+    [
+        (["finetune.optim.schedule=cosin"], r"finetune\.optim\.schedule must be one of"),
+        (["admm.optim.name=sgdd"], r"admm\.optim\.name must be one of \['sgd', 'adam', 'adamw'\]"),
+        (["compress.format=ttt"], r"compress\.format must be one of \[.*'tt'"),
+        (["compress.ranks=4", "compress.target_ratio=3"], "at most one of ranks, target_ratio"),
+        (["compress.target_ratio=0.5"], r"compress\.target_ratio must be a number > 1"),
+        (["admm.epochs=-3"], r"admm\.epochs must be an int >= 0, got -3"),
+        (["data.train_subset=-100"], r"data\.train_subset must be null or an int >= 1"),
+        (["dense.optim.warmup_epochs=-2"], r"dense\.optim\.warmup_epochs must be an int >= 0"),
+        (["admm.rho=1.0", "admm.rho_max=0.01"], r"admm\.rho_max must be >= admm\.rho \(1\)"),
+        (["admm.rho=0"], r"admm\.rho must be > 0"),
+        (["admm.every_steps=0"], r"admm\.every_steps must be null \(once per epoch\) or"),
+        (["dense.optim.milestones=[100, 150]"], r"milestones must be fractions .* in \(0, 1\]"),
+        (["admm.mode=hook", "runtime.amp=fp16"], r"admm\.mode must be 'penalty' with runtime"),
+        (["finetune.optim.momentum=1.5"], r"finetune\.optim\.momentum must be in \[0, 1\)"),
+    ],
+)
+def test_settings_a_stage_would_refuse_hours_later_are_refused_at_load(sets, msg):
+    with pytest.raises(ValueError, match=msg):
+        load_config(None, sets)
+
+
+def test_cli_paths_are_taken_verbatim_not_as_yaml(tmp_path, monkeypatch):
+    # as --set values "run #2" read as "run" (a YAML comment): another run's folder
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pipeline(cfg):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr("tdcompress.pipeline.Pipeline", fake_pipeline)
+    cfg_path = write_cfg(tmp_path / "c.yaml", tmp_path / "x")
+    for out, root in [(str(tmp_path / "run #2"), "/data/set #1"), ("2026-11-29", "null")]:
+        with pytest.raises(Stop):
+            main(["pipeline", str(cfg_path), "--out-dir", out, "--data-root", root])
+        assert (seen["cfg"].runtime.out_dir, seen["cfg"].data.root) == (out, root)
+
+
+def test_building_a_runs_model_needs_no_data_files(tmp_path):
+    # export builds the model from its checkpoint: the shapes come from the dataset's
+    # description, not from loading (it failed without the data root)
+    cfg = load_config(
+        write_cfg(tmp_path / "c.yaml", tmp_path / "x"),
+        ["data.dataset=mnist", f"data.root={tmp_path}", "model.name=lenet5", "model.kwargs={}"],
+    )
+    pipe = Pipeline(cfg)
+    assert pipe.input_shape() == (1, 1, 28, 28)
+    assert pipe.dense_model()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert pipe._data is None
+
+
 def test_missing_data_files_name_the_file(tmp_path):
     cfg = load_config(
         write_cfg(tmp_path / "c.yaml", tmp_path / "x"),
@@ -336,6 +406,27 @@ def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
     assert (tmp_path / "run" / "dense.pt").exists()
 
 
+def test_a_refused_process_leaves_the_runs_config_json_alone(tmp_path):
+    # B (other admm.rho) is refused by A's lock; before, B had already written its settings
+    # into A's config.json, so A's own resume was then refused and B's accepted
+    import fcntl
+
+    path = write_cfg(tmp_path / "c.yaml", tmp_path / "run")
+    a = Pipeline(load_config(path))
+    a.run(("train",))
+    saved = (tmp_path / "run" / "config.json").read_text()
+    with open(tmp_path / "run" / "run.lock", "a+") as f:  # A is still running
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        b = Pipeline(load_config(path, ["admm.rho=5.0"]))  # ADMM not started: accepted here
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            b.run()
+        assert (tmp_path / "run" / "config.json").read_text() == saved
+    Pipeline(load_config(path)).run(("plan", "admm"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["admm"]["rho"] == 1.0
+    with pytest.raises(ValueError, match=r"admm\.rho: was 1\.0, now 5\.0"):
+        Pipeline(load_config(path, ["admm.rho=5.0"]))
+
+
 def test_read_metrics_per_epoch_keeps_the_last_record_of_a_relogged_epoch(tmp_path):
     from tdcompress.train.loop import read_metrics
 
@@ -361,7 +452,7 @@ def test_resuming_with_changed_settings_of_a_started_stage_is_refused(tmp_path):
         write_cfg(tmp_path / "c.yaml", tmp_path / "run", **fast),
         [f"data.root={tmp_path}", "runtime.threads=2", "finetune.epochs=5"],
     )
-    Pipeline(same)
+    Pipeline(same).run(("plan",))  # (done: skipped; the run records its settings)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["finetune"]["epochs"] == 5
     for change, key in [
         ("admm.optim.lr=0.5", r"admm\.optim\.lr: was 0\.01, now 0\.5"),

@@ -64,7 +64,10 @@ class ADMM:
 
     ``mode="penalty"``: add :meth:`penalty` to the loss. ``mode="hook"``: gradient hooks add
     ``rho * (W - Z + U)`` during backward and :meth:`penalty` returns a detached value for
-    logging only; both give the same parameter updates.
+    logging only; both give the same parameter updates, except under a gradient scaler
+    (``torch.amp.GradScaler``, fp16): the hooks add to the scaled gradient, which the
+    scaler then divides by its scale, so use ``"penalty"`` there (the pipeline refuses
+    ``admm.mode: hook`` with ``runtime.amp: fp16``).
     Under ``torch.distributed`` each rank projects a share of the layers in :meth:`update`
     and broadcasts it, so all ranks end every update with identical Z and U.
     """

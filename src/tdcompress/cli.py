@@ -102,16 +102,16 @@ def _main(argv: list[str] | None = None) -> int:
     from tdcompress.pipeline import Pipeline
     from tdcompress.train.distributed import is_main
 
-    sets = list(args.set)
-    if args.data_root:
-        sets.append(f"data.root={args.data_root}")
-    if args.out_dir:
-        sets.append(f"runtime.out_dir={args.out_dir}")
     try:
-        cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, sets)
+        cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, list(args.set))
     except (ValueError, FileNotFoundError) as e:
         print(f"tdcompress: error: {e}", file=sys.stderr)
         return 2
+    # paths verbatim (as --set values they would be read as YAML: "runs/a #2" -> "runs/a")
+    if args.data_root:
+        cfg.data.root = args.data_root
+    if args.out_dir:
+        cfg.runtime.out_dir = args.out_dir
     pipe = Pipeline(cfg)
     if args.command == "export":
         try:

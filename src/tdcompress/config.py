@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -149,11 +151,20 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 
 def _coerce(t: Any, v: Any, path: str) -> Any:
-    """Light type checking for scalars (ints given where floats are expected are fine)."""
+    """Type checking for scalars: ints given where floats are expected are fine, and so are
+    strings that read as numbers (YAML 1.1 reads ``5e-3``, without a dot, as a string);
+    ``X | None`` checks ``X``."""
     if v is None:
         return v
-    if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
+        t = args[0]  # X | None
+    if t is float:
+        return _number(v, path)
+    if typing.get_origin(t) is list and typing.get_args(t) == (float,):
+        if not isinstance(v, list):
+            raise ValueError(f"config {path} must be a list of numbers, got {v!r}")
+        return [_number(x, f"{path}[{i}]") for i, x in enumerate(v)]
     if t is int and (isinstance(v, bool) or not isinstance(v, int)):
         raise ValueError(f"config {path} must be an int, got {v!r}")
     if t is bool and not isinstance(v, bool):
@@ -161,6 +172,17 @@ def _coerce(t: Any, v: Any, path: str) -> Any:
     if t is str and not isinstance(v, str):
         raise ValueError(f"config {path} must be a string, got {v!r}")
     return v
+
+
+def _number(v: Any, path: str) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    raise ValueError(f"config {path} must be a number, got {v!r}")
 
 
 def apply_overrides(d: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -205,6 +227,94 @@ _CHOICES = {
 }
 
 
+def _check_ranges(cfg: Config) -> None:
+    """Choices, signs and ranges that would otherwise fail (or quietly misbehave) only when
+    their stage runs, hours into a run."""
+
+    def need(ok: bool, key: str, v: Any, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{key} must be {allowed}, got {v!r}")
+
+    from tdcompress.formats import available_formats
+
+    fmts = available_formats()
+    need(cfg.compress.format in fmts, "compress.format", cfg.compress.format, f"one of {fmts}")
+    for k, v in (cfg.compress.overrides or {}).items():
+        f = v.get("format") if isinstance(v, dict) else None
+        need(f is None or f in fmts, f"compress.overrides[{k!r}].format", f, f"one of {fmts}")
+    given = [
+        k
+        for k in ("ranks", "target_ratio", "target_macs_reduction")
+        if getattr(cfg.compress, k) is not None
+    ]
+    need(
+        len(given) <= 1,
+        "compress",
+        given,
+        "given at most one of ranks, target_ratio, target_macs_reduction",
+    )
+    for k in ("target_ratio", "target_macs_reduction"):
+        v = getattr(cfg.compress, k)
+        need(v is None or v > 1, f"compress.{k}", v, "a number > 1")
+    d = cfg.data
+    for k in ("batch_size", "eval_batch_size"):
+        need(getattr(d, k) >= 1, f"data.{k}", getattr(d, k), "an int >= 1")
+    need(
+        d.train_subset is None or d.train_subset >= 1,
+        "data.train_subset",
+        d.train_subset,
+        "null or an int >= 1",
+    )
+    need(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "an int >= 0")
+    for name in ("dense", "admm", "finetune"):
+        ph = getattr(cfg, name)
+        o = ph.optim
+        need(ph.epochs >= 0, f"{name}.epochs", ph.epochs, "an int >= 0")
+        need(
+            o.name in ("sgd", "adam", "adamw"),
+            f"{name}.optim.name",
+            o.name,
+            "one of ['sgd', 'adam', 'adamw']",
+        )
+        need(
+            o.schedule in ("cosine", "step", "constant"),
+            f"{name}.optim.schedule",
+            o.schedule,
+            "one of ['cosine', 'step', 'constant']",
+        )
+        need(o.lr >= 0, f"{name}.optim.lr", o.lr, ">= 0")
+        need(o.weight_decay >= 0, f"{name}.optim.weight_decay", o.weight_decay, ">= 0")
+        need(0 <= o.momentum < 1, f"{name}.optim.momentum", o.momentum, "in [0, 1)")
+        need(o.gamma > 0, f"{name}.optim.gamma", o.gamma, "> 0")
+        need(o.warmup_epochs >= 0, f"{name}.optim.warmup_epochs", o.warmup_epochs, "an int >= 0")
+        need(
+            all(0 < m <= 1 for m in o.milestones),
+            f"{name}.optim.milestones",
+            o.milestones,
+            "fractions of the phase's epochs in (0, 1] (0.5 = half-way)",
+        )
+    a = cfg.admm
+    need(a.rho > 0, "admm.rho", a.rho, "> 0")
+    need(a.rho_growth >= 1, "admm.rho_growth", a.rho_growth, ">= 1")
+    need(a.rho_max >= a.rho, "admm.rho_max", a.rho_max, f">= admm.rho ({a.rho:g})")
+    need(
+        a.every_steps is None or a.every_steps >= 1,
+        "admm.every_steps",
+        a.every_steps,
+        "null (once per epoch) or an int >= 1",
+    )
+    t = cfg.runtime.threads
+    need(t is None or t >= 1, "runtime.threads", t, "null or an int >= 1")
+    # hooks add rho (W - Z + U) to the scaled gradient, which fp16's GradScaler then divides
+    # by its scale (~65536): the ADMM term would all but vanish
+    need(
+        not (a.mode == "hook" and cfg.runtime.amp == "fp16"),
+        "admm.mode",
+        a.mode,
+        "'penalty' with runtime.amp: fp16 (its gradient scaler would shrink the hooks' term)",
+    )
+
+
 def _check_choices(cfg: Config) -> None:
     for (section, key), allowed in _CHOICES.items():
         v = getattr(getattr(cfg, section), key)
@@ -220,6 +330,7 @@ def _check_choices(cfg: Config) -> None:
                 f"runtime.compile must be true, false or a torch.compile backend "
                 f"(one of {backends}), got {c!r}"
             )
+    _check_ranges(cfg)
     for name in ("dense", "admm", "finetune"):
         ph = getattr(cfg, name)
         if not 0.0 <= ph.label_smoothing < 1.0:

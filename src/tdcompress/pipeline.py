@@ -168,10 +168,9 @@ class Pipeline:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.out = Path(cfg.runtime.out_dir)
-        self._check_config_unchanged()
+        self._check_config_unchanged()  # early; again under the run lock, which writes it
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2))
         barrier()
         self.log = MetricsLog(self.out / "metrics.jsonl")
         self._data: tuple[Any, Any, dict[str, Any]] | None = None
@@ -318,10 +317,19 @@ class Pipeline:
             )
         return self._data
 
+    def dataset_info(self) -> dict[str, Any]:
+        """Classes, input shape, mean and std of the configured dataset (read from its
+        description, so building a model or exporting one needs no data files)."""
+        from tdcompress.data import DATASETS
+
+        if self._data is None and self.cfg.data.dataset in DATASETS:
+            return dict(DATASETS[self.cfg.data.dataset])
+        return self.data()[2]
+
     def dense_model(self) -> nn.Module:
         from tdcompress.models import build_model
 
-        info = self.data()[2]
+        info = self.dataset_info()
         kwargs = dict(self.cfg.model.kwargs)
         torch.manual_seed(self.cfg.seed)
         model = build_model(
@@ -336,7 +344,7 @@ class Pipeline:
         return model
 
     def input_shape(self) -> tuple[int, ...]:
-        return (1, *self.data()[2]["input_shape"])
+        return (1, *self.dataset_info()["input_shape"])
 
     def load_plan(self) -> CompressionPlan:
         return CompressionPlan.load(self.out / "plan.yaml")
@@ -750,16 +758,25 @@ class Pipeline:
                 getattr(self, f"stage_{s}")()
         return self.state()["done"]
 
+    def _record_config(self) -> None:
+        """Check the settings against the folder's ``config.json`` (its started stages may
+        have changed since this object was made), then write them there."""
+        self._check_config_unchanged()
+        atomic_write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """Hold an exclusive lock on the run folder (rank 0), so that a second process
         started on the same ``runtime.out_dir`` stops at once instead of interleaving its
-        checkpoints with the first one's."""
+        checkpoints with the first one's; then check the settings against the folder's
+        ``config.json`` and write it."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock
             fcntl = None
         if fcntl is None or not is_main():
+            if is_main():
+                self._record_config()
             yield
             return
         path = self.out / "run.lock"
@@ -778,6 +795,9 @@ class Pipeline:
             f.write(str(os.getpid()))
             f.flush()
             try:
+                # only the holder of the lock records its settings: a process refused here
+                # must not rewrite the config.json of the run it was refused from
+                self._record_config()
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)

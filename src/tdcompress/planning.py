@@ -31,8 +31,10 @@ class LayerPlan:
 
     ``name`` is the module path; ``param`` the path of the weight parameter that ADMM
     constrains (``"<name>.weight"``, or ``"<lstm>.weight_ih_l<k>"`` for an LSTM's
-    input-to-hidden matrix). ``input_hw`` (convs) and ``steps`` (LSTM time steps) are
-    recorded from an example forward pass and only used for MAC counts.
+    input-to-hidden matrix). ``input_hw`` (convs) and ``steps`` (how often the layer's
+    product runs per sample: LSTM time steps, Linear positions, and the calls of a module
+    that runs more than once) are recorded from an example forward pass and only used for
+    MAC counts.
     """
 
     name: str
@@ -315,23 +317,36 @@ def _default_selection(cands: list) -> list:
 
 
 def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[str, Any]:
-    """Input sizes of every Conv2d (hw) and LSTM (time steps) from one example forward pass,
-    and the dense MACs of all Conv2d/Linear/LSTM layers."""
+    """Input sizes of every Conv2d (hw, and how often it ran) and LSTM (time steps) and the
+    positions of every Linear from one example forward pass, summed over the calls of a
+    module that runs more than once; and the dense MACs of all Conv2d/Linear/LSTM calls
+    (both directions of a bidirectional LSTM)."""
     if input_shape is None:
         return {}
     seen: dict[str, Any] = {}
+    macs = [0]
     hooks = []
 
     def hook(name: str) -> Callable:
         def f(mod: nn.Module, args: tuple, out: Any) -> None:
-            x = args[0]
+            x, prev = args[0], seen.get(name)
             if isinstance(mod, nn.Conv2d):
-                seen[name] = ("conv", tuple(x.shape[-2:]), tuple(out.shape[-2:]))
+                hw = tuple(x.shape[-2:])
+                macs[0] += LayerGeometry.from_module(mod).dense_macs(hw)
+                # (a shared conv's later calls are counted at its first call's size)
+                calls = prev[3] + 1 if prev else 1
+                seen[name] = ("conv", prev[1] if prev else hw, tuple(out.shape[-2:]), calls)
             elif isinstance(mod, nn.LSTM):
-                t = x.shape[1] if mod.batch_first else x.shape[0]
-                seen[name] = ("lstm", int(t))
+                t = int(x.shape[1] if mod.batch_first else x.shape[0])
+                h, dirs = mod.hidden_size, 2 if mod.bidirectional else 1
+                for k in range(mod.num_layers):
+                    i = mod.input_size if k == 0 else h * dirs
+                    macs[0] += dirs * t * 4 * h * (i + h)
+                seen[name] = ("lstm", (prev[1] if prev else 0) + t)
             elif isinstance(mod, nn.Linear):
-                seen[name] = ("linear", int(math.prod(x.shape[1:-1])) if x.dim() > 2 else 1)
+                n = int(math.prod(x.shape[1:-1])) if x.dim() > 2 else 1
+                macs[0] += n * mod.in_features * mod.out_features
+                seen[name] = ("linear", (prev[1] if prev else 0) + n)
 
         return f
 
@@ -353,21 +368,7 @@ def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
         model.train(was_training)
         for h in hooks:
             h.remove()
-    macs = 0
-    for name, mod in model.named_modules():
-        if name not in seen:
-            continue
-        info = seen[name]
-        if info[0] == "conv":
-            macs += LayerGeometry.from_module(mod).dense_macs(info[1])
-        elif info[0] == "linear":
-            macs += info[1] * mod.in_features * mod.out_features
-        else:
-            h = mod.hidden_size
-            for k in range(mod.num_layers):
-                i = mod.input_size if k == 0 else h
-                macs += info[1] * 4 * h * (i + h)
-    seen["__macs__"] = macs
+    seen["__macs__"] = macs[0]
     return seen
 
 
@@ -483,7 +484,7 @@ def plan(
             hw, steps = None, 1
             info = shapes.get(name.rsplit(".l", 1)[0] if type(mod) is nn.LSTM else name)
             if info and info[0] == "conv":
-                hw = info[1]
+                hw, steps = info[1], info[3]
             elif info and info[0] in ("lstm", "linear"):
                 steps = info[1]
             layers.append(LayerPlan(name, param, geo, spec, hw, steps))
