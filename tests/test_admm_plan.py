@@ -294,6 +294,35 @@ def test_equal_ratio_meets_targets_that_need_two_layers_to_move(fmt, target):
     assert abs(p.ratio / target - 1) <= 0.03
 
 
+def test_a_target_reachable_only_far_from_equal_ranks_is_found():
+    # the one-layer search from equal ranks stopped short of these MAC targets; explicit
+    # ranks show they are reachable (two layers at rank 1, the third at 6 or 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+    shape = (1, 3, 16, 16)
+    for target, witness in [(6.77139, (1, 6, 1)), (8.81475, (1, 3, 1))]:
+        ranks = dict(zip(["2", "5", "9"], witness))
+        w = plan(model, "svd", ranks=ranks, input_shape=shape).macs_reduction
+        assert abs(w / target - 1) <= 0.03
+        got = plan(model, "svd", target_macs_reduction=target, input_shape=shape)
+        assert abs(got.macs_reduction / target - 1) <= 0.03
+    with pytest.raises(ValueError, match="closest value found is 9.54"):
+        plan(model, "svd", target_macs_reduction=10.0408, input_shape=shape)
+
+
 def test_macs_count_every_call_of_a_shared_layer_and_both_lstm_directions():
     class Twice(nn.Module):
         def __init__(self):

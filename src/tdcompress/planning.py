@@ -407,7 +407,8 @@ def plan(
     for every layer, or a mapping from layer-name glob to either), ``target_ratio``
     (whole-model parameter ratio, dense / compressed) or ``target_macs_reduction`` (needs
     ``input_shape``). Solved targets use equal ranks inside a layer and must be met within
-    3%, else a ValueError names the closest reachable value. ``allocation`` says how a
+    3% (near the allocation's start first, then any combination of far ranks), else a
+    ValueError names the closest value found. ``allocation`` says how a
     target is shared among layers: ``"equal_rank"`` (the paper's: about the same rank in
     every layer, so narrow layers keep most of their size and wide ones lose most) or
     ``"equal_ratio"`` (every layer shrunk by about the same factor in parameters, or in
@@ -600,6 +601,58 @@ def _equal_ratio_start(
     return ranks(lo), ranks(hi)
 
 
+def _additive_search(
+    at: Callable[[tuple[int, ...]], CompressionPlan],
+    start: tuple[int, ...],
+    target: float,
+    measure: Callable[[CompressionPlan], float],
+    layer_size: Callable[[LayerPlan], tuple[float, float]],
+) -> CompressionPlan | None:
+    """Per-layer ranks (near ``start`` or 1 or a power of two) whose plan meets ``target``
+    within tolerance, as close to ``start`` as possible (sum of |log rank ratios|), or None.
+
+    The measure is D / (F + S): S the sum of the planned layers' sizes, F the size of the
+    rest; D and F follow from the start plan. A dynamic programme over the layers keeps,
+    per bucket of S (1/(4 L) of the allowed interval), the closest assignment."""
+    base = at(start)
+    n = len(start)
+    sizes = [layer_size(lp) for lp in base.layers]
+    s0, dense = sum(s for s, _ in sizes), sum(d for _, d in sizes)
+    m = measure(base)
+    if not (math.isfinite(m) and m > 1):
+        return None
+    D = m * (dense - s0) / (m - 1)
+    F = D - dense
+    lo = D / (target * (1 + RATIO_TOLERANCE)) - F
+    hi = D / (target * (1 - RATIO_TOLERANCE)) - F
+    if hi <= 0:
+        return None
+    far = {1 << k for k in range(17)}
+    options: list[list[tuple[int, float]]] = []
+    for i, r0 in enumerate(start):
+        seen: dict[tuple[int, ...], tuple[int, float]] = {}
+        for r in sorted(set(range(max(1, r0 - 3), r0 + 5)) | far):
+            lp = at(tuple(r if j == i else q for j, q in enumerate(start))).layers[i]
+            seen.setdefault(tuple(lp.spec.ranks), (r, layer_size(lp)[0]))  # (clipped: once)
+        options.append(list(seen.values()))
+    step = (hi - lo) / (4 * n)
+    states: dict[int, tuple[float, float, tuple[int, ...]]] = {0: (0.0, 0.0, ())}
+    for i, opts in enumerate(options):
+        nxt: dict[int, tuple[float, float, tuple[int, ...]]] = {}
+        for dev, total, chosen in states.values():
+            for r, size in opts:
+                t = total + size
+                if t > hi:
+                    continue
+                d = dev + abs(math.log(r / start[i]))
+                b = round(t / step)
+                if b not in nxt or d < nxt[b][0]:
+                    nxt[b] = (d, t, (*chosen, r))
+        states = nxt
+    fits = [v for v in states.values() if lo <= v[1] <= hi]
+    return at(min(fits)[2]) if fits else None
+
+
 def _tuple(v: Any) -> tuple[int, ...] | None:
     return None if v is None else tuple(int(a) for a in v)
 
@@ -681,11 +734,19 @@ def _solve(
         # changes get
         start = min((floor, ceil), key=lambda r: miss(at(r)))
         best = descend(list(start), [range(max(1, r - 3), r + 5) for r in floor], 0.002)
+    if miss(best) > RATIO_TOLERANCE and layer_size is not None:
+        # small or uneven models: the target may need ranks far from the start (a layer at
+        # rank 1, another near full rank), which one-layer moves do not find; search the
+        # combinations (only when the near search failed: it costs more plans)
+        start = next(r for r, p in memo.items() if p is best)
+        found = _additive_search(at, start, target, measure, layer_size)
+        if found is not None and miss(found) < miss(best):
+            best = found
     got = measure(best)
     if abs(got / target - 1) > RATIO_TOLERANCE:
         raise ValueError(
             f"target {what} {target:g} cannot be met within {RATIO_TOLERANCE:.0%}: the closest "
-            f"reachable value is {got:.3g}"
+            f"value found is {got:.3g}"
         )
     best.meta = {f"target_{what.replace(' ', '_').lower()}": target, "allocation": allocation}
     return best
