@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,6 +210,11 @@ def test_bad_specs_name_layer_value_and_allowed(name) -> None:
         fmt.resolve(lin, [2, -1, 2][: fmt.n_ranks(3)], **three, layer_name="fc1")
     with pytest.raises(ValueError, match=r"fc1: ranks \[1, 2, 3, 4, 5\] has 5 entries.*give one"):
         fmt.resolve(lin, [1, 2, 3, 4, 5], layer_name="fc1")
+    # numpy integers are ranks as the tensor functions take them; floats and bools are not
+    assert fmt.resolve(lin, np.int64(2)) == fmt.resolve(lin, 2)
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match=r"fc1: ranks must be ints >= 1"):
+            fmt.resolve(lin, bad, layer_name="fc1")
     with pytest.raises(ValueError, match=r"fc1: .*same length"):
         fmt.resolve(lin, 2, out_factors=(3, 4), in_factors=(2, 2, 5), layer_name="fc1")
     with pytest.raises(ValueError, match=r"fc1: the TT-matrix layout needs at least 2"):

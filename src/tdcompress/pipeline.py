@@ -419,15 +419,17 @@ class Pipeline:
         teacher = self._teacher() if phase.distill_weight > 0 else None
         ckpt = self.out / f"{name}.ckpt.pt"
         start = 0
+        scaler = torch.amp.GradScaler("cuda") if self.cfg.runtime.amp == "fp16" else None
         if ckpt.exists():
             st = load_checkpoint(ckpt, map_location=self.device)
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
             if admm is not None:
                 admm.load_state_dict(st["admm"])
+            if scaler is not None and st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])  # its scale, as an unbroken run has it
             set_rng_state(st["rng"])
             start = st["epoch"]
-        scaler = torch.amp.GradScaler("cuda") if self.cfg.runtime.amp == "fp16" else None
         last: dict[str, Any] = {}
         for epoch in range(start, phase.epochs):
             f = lr_factor(phase.optim, epoch, phase.epochs)
@@ -495,6 +497,7 @@ class Pipeline:
                         "model": model.state_dict(),
                         "optimizer": opt.state_dict(),
                         "admm": admm.state_dict() if admm is not None else None,
+                        "scaler": scaler.state_dict() if scaler is not None else None,
                         "rng": rng_state(),
                     },
                 )

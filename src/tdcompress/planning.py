@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -235,7 +236,10 @@ class CompressionPlan:
             else json.dumps(self.to_dict(), indent=2)
         )
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        with open(tmp, "w") as f:  # synced before the rename: never an empty plan file
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)
 
     @classmethod

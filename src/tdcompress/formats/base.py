@@ -281,7 +281,7 @@ def parse_layer_ranks(ranks: Any, n: int, layer_name: str, count_hint: str) -> l
     else:
         vals = [ranks] * n
     for v in vals:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not _is_int(v):  # (numpy integers too, as the tensor functions take them)
             raise TypeError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")
         if v < 1:
             raise ValueError(f"{layer_name}: ranks must be ints >= 1, got {ranks!r}")

@@ -34,10 +34,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    """``text`` written to a temporary file in the same folder, fsynced, then renamed over
+    ``path``: after a crash or power loss, the old text or the new, never an empty file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
