@@ -286,6 +286,14 @@ def test_loader_ddp_shards_partition_the_padded_permutation_and_drop_last():
         shares.append(torch.cat([b for _, b in ld]).tolist())
     flat = sum(shares, [])
     assert sorted(flat) == list(range(n)) and all(len(s) == 2 for s in shares)
+    # fewer samples than ranks: every rank still gets its padded share (len() says so)
+    for n_small, ws in ((1, 4), (3, 8)):
+        xs, ys = x[:n_small], y[:n_small]
+        for r in range(ws):
+            ld = TensorLoader(xs, ys, 2, seed=3, rank=r, world_size=ws)
+            got = [b for _, b in ld]
+            assert len(got) == len(ld) == 1 and len(got[0]) == 1
+            assert int(got[0]) < n_small
     with pytest.raises(ValueError, match="rank must be in \\[0, world_size=2\\), got 2"):
         TensorLoader(x, y, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):

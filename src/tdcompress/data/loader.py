@@ -112,8 +112,8 @@ class TensorLoader:
         n = len(self.images)
         idx = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         total = self.num_samples * self.world_size
-        if self.pad and total > n:
-            idx = torch.cat([idx, idx[: total - n]])
+        if self.pad and total > n:  # (repeated as often as needed: n may be < world_size)
+            idx = idx.repeat(math.ceil(total / n))[:total]
         return idx[self.rank :: self.world_size].to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
