@@ -603,13 +603,20 @@ DYNAMIC = -1
 DYNAMIC_PLAN_BATCH = 32
 
 
+def _dynamo_compiling() -> bool:
+    # (torch < 2.3 has no torch.compiler.is_dynamo_compiling: the batch is read there, so a
+    # dynamic compile specialises to it and recompiles per batch size, as it did before)
+    fn = getattr(torch.compiler, "is_dynamo_compiling", None)
+    return fn is not None and fn()
+
+
 def batch_key(n: int | torch.SymInt) -> int:
     """The batch entry of a layer's plan-cache key for a batch (or row count) ``n``:
     :func:`plan_batch` of it in eager mode and under ``torch.export`` (which reads a
     symbolic size's hint without a guard). While ``torch.compile`` traces, a symbolic size
     looks like an int and reading it would specialise the graph to it, so every ``n >= 2``
     maps to :data:`DYNAMIC` (symbolic sizes are never 1 there: compile specialises 0 and 1)."""
-    if torch.compiler.is_dynamo_compiling():
+    if _dynamo_compiling():
         return 1 if n == 1 else DYNAMIC
     return plan_batch(n)
 

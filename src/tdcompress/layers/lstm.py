@@ -106,7 +106,8 @@ def _recurrence(
     needs_grad = torch.is_grad_enabled() and (
         gx.requires_grad or h0.requires_grad or c0.requires_grad or w_hh.requires_grad
     )
-    plain = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    compiling = getattr(torch.compiler, "is_compiling", None)  # (torch >= 2.3)
+    plain = torch.jit.is_tracing() or (compiling is not None and compiling())
     if needs_grad and not plain:
         out, c = _Recurrence.apply(gx, h0, c0, w_hh)
         return out, out[-1], c
