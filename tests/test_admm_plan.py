@@ -394,6 +394,20 @@ def test_bad_input():
         ADMM(model, p, rho=-1)
 
 
+def test_decompose_refuses_weights_it_would_not_use_and_plan_a_bare_layer():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    p = plan(model, "tt", ranks=2, include=["0"])
+    zeros = torch.zeros(16, 16)
+    # keyed by layer name or misspelt, Z was silently replaced by the dense weight
+    for key in ("0", "0.wieght"):
+        with pytest.raises(ValueError, match=r"weights has keys \['" + key + r"'\] that are not"):
+            decompose(model, p, weights={key: zeros})
+    new, _ = decompose(model, p, weights={"0.weight": zeros})
+    assert torch.equal(new[0].to_dense(), zeros)
+    with pytest.raises(ValueError, match="the model is itself a Linear: .*wrap it"):
+        plan(nn.Linear(16, 16), "tt", ranks=2, include=[""])
+
+
 def test_a_plan_refuses_a_model_whose_layer_computes_something_else():
     # same weight shape, other stride and bias: a layer built from the plan would compute
     # another function (it did, with a relative error of 0 in the report)

@@ -38,6 +38,20 @@ def test_read_idx_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(ValueError, match="bad.gz: corrupt gzip"):
         read_idx(tmp_path / "bad.gz")
+    # a flipped byte inside the deflate stream: zlib's own error, named as corrupt too
+    _write_idx(tmp_path / "ok.gz", a)
+    good = bytearray((tmp_path / "ok.gz").read_bytes())
+    hits = 0
+    for k in range(12, len(good) - 8):
+        flipped = bytearray(good)
+        flipped[k] ^= 0xFF
+        (tmp_path / "flip.gz").write_bytes(bytes(flipped))
+        try:
+            read_idx(tmp_path / "flip.gz")
+        except ValueError as e:
+            assert "flip.gz" in str(e)
+            hits += 1
+    assert hits > 0
 
 
 def test_read_cifar_fixture_and_errors(tmp_path):
@@ -206,6 +220,13 @@ def test_verify_checksum_mismatch_names_the_file(tmp_path):
         load_dataset("mnist", tmp_path, "test", verify=True)
 
 
+def test_verify_refuses_an_unknown_split(tmp_path):
+    from tdcompress.data.readers import verify_files
+
+    with pytest.raises(ValueError, match=r"split must be None, 'train' or 'test', got 'val'"):
+        verify_files("mnist", tmp_path, split="val")
+
+
 def test_verify_real_files(data_root):
     x, y = load_dataset("mnist", data_root, "test", verify=True)
     assert x.shape == (10000, 1, 28, 28) and len(y) == 10000
@@ -332,7 +353,5 @@ def test_unpadded_eval_shards_see_every_sample_exactly_once():
     from tdcompress.config import DataConfig
     from tdcompress.data import make_loaders
 
-    _, test, _ = make_loaders(
-        DataConfig(dataset="synthetic"), device="cpu", rank=1, world_size=3
-    )
+    _, test, _ = make_loaders(DataConfig(dataset="synthetic"), device="cpu", rank=1, world_size=3)
     assert test.pad is False and test.num_samples == len(range(1, len(test.images), 3))

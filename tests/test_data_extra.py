@@ -170,6 +170,13 @@ def test_download_cifar10_extracts_official_folder(server, tmp_path):
     (srv / "cifar-10-python.tar.gz").write_bytes(raw)
     root = tmp_path / "data"
     sums = {"cifar-10-python.tar.gz": hashlib.md5(raw).hexdigest()}
+    # the extracted files are checked too: these are not the official ones
+    with pytest.raises(dl.ChecksumError, match=r"extracted cifar-10-batches-py/data_batch_1"):
+        dl.download("cifar10", root, base_url=url, checksums=sums)
+    assert not (root / "cifar-10-batches-py").exists() and _leftovers(root) == []
+    sums.update(
+        {n.split("/")[1]: hashlib.md5(d).hexdigest() for n, d in members.items()}
+    )  # accepted when their checksums are given too
     out = dl.download("cifar10", root, base_url=url, checksums=sums)
     assert out == root / "cifar-10-batches-py"
     x, y = load_dataset("cifar10", root, "test")

@@ -176,6 +176,9 @@ def test_onnx_export(tmp_path) -> None:
 
 
 def test_errors() -> None:
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 6), torch.randn(2, 6)])
+    with pytest.raises(TypeError, match=r"FactorizedLSTM: input must be a tensor \(packed"):
+        FactorizedLSTM(6, 4)(packed)
     with pytest.raises(ValueError, match=r"FactorizedLSTM: input_layers has 1 entries.*=2"):
         FactorizedLSTM(6, 4, num_layers=2, input_layers=[None])
     with pytest.raises(ValueError, match=r"input_layers\[0\] maps 6 -> 12 features.*6 -> 16"):

@@ -320,3 +320,25 @@ def test_lstm_video_keras_style_init():
         fan_in = 48 if layer == 0 else 16
         assert float(w_ih.abs().max()) <= (6 / (fan_in + 64)) ** 0.5
     assert torch.count_nonzero(m.fc.bias) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"hidden": [0]}, r"mlp: hidden must be a sequence of positive ints, got \[0\]"),
+        ({"hidden": 256}, r"mlp: hidden must be a sequence of positive ints, got 256"),
+        ({"in_features": 0}, r"mlp: in_features must be a positive int, got 0"),
+        ({"num_classes": 2.5}, r"mlp: num_classes must be a positive int, got 2.5"),
+    ],
+)
+def test_mlp_refuses_bad_arguments(kwargs, msg):
+    from tdcompress.models import build_model
+
+    with pytest.raises(ValueError, match=msg):
+        build_model("mlp", **kwargs)
+    assert build_model("mlp", hidden=(8,), in_features=4, num_classes=3)(
+        torch.zeros(2, 4)
+    ).shape == (
+        2,
+        3,
+    )

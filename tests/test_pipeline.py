@@ -247,6 +247,7 @@ def test_numbers_in_exponent_notation_are_numbers_and_strings_are_refused():
     "sets,msg",
     [
         (["finetune.optim.schedule=cosin"], r"finetune\.optim\.schedule must be one of"),
+        (["data.dataset=ucf11"], r"data\.dataset must be one of \[.*'cifar10'.*got 'ucf11'"),
         (["admm.optim.name=sgdd"], r"admm\.optim\.name must be one of \['sgd', 'adam', 'adamw'\]"),
         (["compress.format=ttt"], r"compress\.format must be one of \[.*'tt'"),
         (["compress.ranks=4", "compress.target_ratio=3"], "at most one of ranks, target_ratio"),
@@ -641,3 +642,13 @@ def test_cleanup_leaves_a_process_group_it_did_not_create():
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_every_shipped_config_loads():
+    # a config that its own pipeline would refuse (an unknown dataset, a bad choice) must not
+    # be shipped as runnable; configs/ also names the demo's embedded one
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "configs").rglob("*.yaml")) + [root / "src/tdcompress/demo.yaml"]
+    assert len(files) > 10
+    for f in files:
+        load_config(f)

@@ -235,7 +235,12 @@ def _check_ranges(cfg: Config) -> None:
         if not ok:
             raise ValueError(f"{key} must be {allowed}, got {v!r}")
 
+    from tdcompress.data import DATASETS
     from tdcompress.formats import available_formats
+
+    need(
+        cfg.data.dataset in DATASETS, "data.dataset", cfg.data.dataset, f"one of {sorted(DATASETS)}"
+    )
 
     fmts = available_formats()
     need(cfg.compress.format in fmts, "compress.format", cfg.compress.format, f"one of {fmts}")

@@ -465,6 +465,11 @@ def plan(
             )
     if not chosen:
         raise ValueError(f"no layer selected for compression; layers are {names}")
+    if any(c[0] == "" or c[0].startswith(".") for c in chosen):
+        raise ValueError(
+            f"the model is itself a {type(model).__name__}: layers are replaced inside a "
+            "parent module, so wrap it (e.g. nn.Sequential(model)) and plan that"
+        )
 
     shapes = _trace_shapes(model, input_shape)
     model_params = sum(p.numel() for p in model.parameters())

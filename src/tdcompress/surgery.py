@@ -69,6 +69,12 @@ def decompose(
         raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     plan.check_model(model)
+    unknown = sorted(set(weights or {}) - {lp.param for lp in plan})
+    if unknown:
+        raise ValueError(
+            f"weights has keys {unknown} that are not planned weights; they are "
+            f"{[lp.param for lp in plan]} (parameter names, e.g. admm.Z)"
+        )
     new = copy.deepcopy(model)
     report = DecompositionReport(params_before=sum(p.numel() for p in model.parameters()))
     lstm_groups: dict[str, list[LayerPlan]] = {}

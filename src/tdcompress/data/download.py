@@ -227,6 +227,14 @@ def download(
                     f"{archive}: archive lacks {src.folder}/{missing[0]} "
                     f"(expected files {sorted(src.members)})"
                 )
+            for n, md5 in src.members.items():  # what is kept must be what later checks pass
+                want = sums.get(n, md5)
+                got = md5sum(out / n)
+                if got != want:
+                    raise ChecksumError(
+                        f"{archive}: extracted {src.folder}/{n} has md5 {got}, expected {want}"
+                        " (pass its checksum in checksums= to accept other files)"
+                    )
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(out, folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: corrupt gzip stream ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UINT8 or not 1 <= raw[3] <= 4:
         raise ValueError(
@@ -162,6 +163,8 @@ def verify_files(dataset: str, root: str | Path, split: str | None = None) -> No
     src = SOURCES[dataset]
     folder = Path(root) / src.folder
     sums = src.members if src.archive else src.files
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     if split is not None:
         wanted = {
             "mnist": MNIST_FILES.get(split, ()),

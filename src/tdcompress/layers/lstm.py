@@ -288,6 +288,11 @@ class FactorizedLSTM(nn.Module):
         """``input`` (T, B, I), (B, T, I) with ``batch_first``, or unbatched (T, I);
         returns ``output, (h_n, c_n)`` with ``nn.LSTM``'s shapes."""
         name = type(self).__name__
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(
+                f"{name}: input must be a tensor (packed sequences are not supported; pad "
+                f"them, e.g. torch.nn.utils.rnn.pad_packed_sequence), got {type(input).__name__}"
+            )
         if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
             raise ValueError(
                 f"{name}: input must have shape (T, B, {self.input_size}) "

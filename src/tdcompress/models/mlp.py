@@ -15,6 +15,13 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int) -> None:
         super().__init__()
+        for arg, v in (("in_features", in_features), ("num_classes", num_classes)):
+            if not _positive_int(v):
+                raise ValueError(f"mlp: {arg} must be a positive int, got {v!r}")
+        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+            raise ValueError(f"mlp: hidden must be a sequence of positive ints, got {hidden!r}")
+        if not all(_positive_int(h) for h in hidden):
+            raise ValueError(f"mlp: hidden must be a sequence of positive ints, got {hidden!r}")
         dims = [in_features, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.fc = nn.Linear(dims[-1], num_classes)
@@ -26,5 +33,9 @@ class MLP(nn.Module):
         return self.fc(x)
 
 
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def mlp(in_features: int = 64, hidden: Sequence[int] = (256, 256), num_classes: int = 10) -> MLP:
-    return MLP(in_features, list(hidden), num_classes)
+    return MLP(in_features, hidden, num_classes)
