@@ -21,7 +21,7 @@ rank-r matrix; it has no low-rank (O, I kh kw) conv, so those rows have no tltor
         [--formats tt,tr,tucker2,svd] [--budget SECONDS]
 
 The machine is shared; set MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ high for the
-allocator effect described in docs/performance-notes; both settings are recorded.
+allocator effect described in docs/performance.md; both settings are recorded.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ reference evaluator) and must match the eager model, else nothing is written.
 model this way. The graph is specialised to the example input's shape unless
 ``dynamic_batch=True``: then the batch dimension is left free (the checks run two batch
 sizes), while the factorized layers keep the contraction order they chose for the example's
-batch size, which is the one to export at for the fastest graph.
+batch size (at least 2), which is the one to export at for the fastest graph.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The compression pipeline: dense training, plan, ADMM, decompose, fine-tune, evaluate, report.
 
 Every stage writes atomic checkpoints into ``runtime.out_dir``; a stage interrupted at any
-point resumes from its last finished epoch, and finished stages are skipped, so rerunning
-the same command after a crash or kill continues the run.
+point resumes from its last finished epoch, and finished stages other than evaluate and
+report (which always run again) are skipped, so rerunning the same command after a crash
+or kill continues the run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Factorized nn.Modules, each with ``from_dense(...)`` and ``to_dense()``."""
+"""Factorized nn.Modules: the Linear/Conv2d layers each with ``from_dense(...)`` and
+``to_dense()``; ``FactorizedLSTM.from_lstm(...)``."""
 
 from tdcompress.layers._base import warm_plans
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
