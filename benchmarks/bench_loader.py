@@ -116,6 +116,7 @@ def fed_training(loader: TensorLoader, device: torch.device, steps: int) -> dict
         if i == 2:  # two warm-up steps
             _sync(device)
             t_start, load_s, n = time.perf_counter(), 0.0, 0
+        _sync(device)  # the previous step's queued kernels are not loading time
         t0 = time.perf_counter()
         try:
             x, y = next(it)

@@ -340,8 +340,9 @@ def run_case(
     """All libraries on one case; adds the ratio to the fastest peer to every row.
 
     Every library is warmed up (and checked) first; the timed repeats then go round-robin
-    over the libraries, so that a burst of load from other users of the machine hits all
-    of them alike instead of one library's whole series.
+    over the libraries, the same number for each (the smallest any warm-up asked for), so
+    that a burst of load from other users of the machine hits all of them alike instead of
+    one library's whole series.
     """
     x = make_input(case, kind, seed, alpha)
     if tuple(x.shape) != case.shape:
@@ -372,7 +373,11 @@ def run_case(
             log(f"  {case.name:12s} {lib.name:22s} warm-up {first * 1e3:10.2f} ms  "
                 f"err {row['rel_error']:.6f}  ranks {row['ranks']}"
                 + ("" if row["ranks_ok"] else f" (expected {expected})"))
-        for i in range(max((n for _, _, n in todo), default=0)):
+        # one repeat count for the whole case (the smallest any library asked for), so that
+        # every median is taken over the same round-robin rounds, under the same load
+        common = min((n for _, _, n in todo if n > 0), default=0)
+        todo = [(lib, prepared, min(n, common)) for lib, prepared, n in todo]
+        for i in range(common):
             for lib, prepared, n in todo:
                 if i >= n:
                     continue

@@ -88,6 +88,16 @@ REUSE: dict[str, tuple[str, str]] = {
     "resnet20_tt_6.8x_kd_e90": ("resnet20_tt_6.8x_e90", "decompose"),
     "resnet20_tt_6.8x_wd_e90": ("resnet20_tt_6.8x_e90", "decompose"),
 }
+# runs whose folder was seeded by hand with a copy of another run's ADMM stage (before
+# --reuse-from existed): key -> source run
+SEEDED: dict[str, str] = {"resnet20_tt_6.8x_ftlr": "resnet20_tt_6.8x"}
+
+
+def shares_admm(key: str) -> bool:
+    """Whether ``key``'s ADMM rows are another run's (REUSE of its ADMM phase, or SEEDED)."""
+    return key in SEEDED or (key in REUSE and REUSE[key][1] in ("admm", "decompose"))
+
+
 PAPER_NOTE = (
     "Paper figures: Yin et al. 2021, Table 2 (200 dense epochs before ADMM; the paper's "
     "standard TT baseline: 86.7% at 5.4x for ResNet-20, 88.3% at 4.8x for ResNet-32)."
@@ -266,11 +276,7 @@ def collect_run(key: str) -> dict[str, Any]:
         "paper_top1": paper,
         # (a run that took another's ADMM phase: its own epochs only, not the copied rows)
         "wall_seconds": sum(
-            r.get("seconds", 0.0)
-            for r in recs
-            if not (
-                key in REUSE and REUSE[key][1] in ("admm", "decompose") and r["phase"] == "admm"
-            )
+            r.get("seconds", 0.0) for r in recs if not (shares_admm(key) and r["phase"] == "admm")
         ),
         "curve": [
             {
@@ -414,7 +420,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "0.3 CE + 0.7 T^2 KL(dense || TT) at T = 4; the 'fine-tune weight decay 1e-4' row "
         "does the same with plain cross-entropy and weight decay 1e-4 instead of 5e-4 in "
         "fine-tuning (the 6.8x TT model underfits: 92% training accuracy against the dense "
-        "model's 98.8%); the wall time of these two counts their fine-tuning only. "
+        "model's 98.8%); the wall time of these two and of the 'fine-tune lr 0.002' row counts "
+        "their fine-tuning only (their curves too). "
         "'vs our dense' compares each run with the dense run "
         "it starts from. First convolution and classifier stay dense (the paper's choice). "
         "bf16 autocast and channels_last throughout, 1 thread per run with runs side by side "
@@ -464,7 +471,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
         for r in runs:
             # a run that took another's ADMM phase (REUSE) has that run's ADMM rows: draw
             # only its own fine-tuning, at the same epochs of the run
-            shared = r["key"] in REUSE and REUSE[r["key"]][1] in ("admm", "decompose")
+            shared = shares_admm(r["key"])
             pts = [
                 (i, 100 * c["test_acc"])
                 for i, c in enumerate(r["curve"], 1)

@@ -103,7 +103,7 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
         axes[0].plot(c["epoch"], c["train_loss"], marker="o", label=label)
         axes[1].plot(c["epoch"], c["primal"], marker="o", label=label)
         axes[2].plot(c["epoch"], [100 * a for a in c["test_acc"]], marker="o", label=label)
-    axes[0].set_ylabel("training loss (incl. ADMM term)")
+    axes[0].set_ylabel("training loss (cross-entropy)")
     axes[1].set_ylabel("||W - Z|| / ||W||")
     axes[1].set_yscale("log")
     axes[2].set_ylabel("test top-1 (%)")
