@@ -45,6 +45,11 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+#: the optimizers and learning-rate schedules an OptimConfig may name
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # sgd | adam | adamw
@@ -275,17 +280,12 @@ def _check_ranges(cfg: Config) -> None:
         ph = getattr(cfg, name)
         o = ph.optim
         need(ph.epochs >= 0, f"{name}.epochs", ph.epochs, "an int >= 0")
+        need(o.name in OPTIMIZERS, f"{name}.optim.name", o.name, f"one of {list(OPTIMIZERS)}")
         need(
-            o.name in ("sgd", "adam", "adamw"),
-            f"{name}.optim.name",
-            o.name,
-            "one of ['sgd', 'adam', 'adamw']",
-        )
-        need(
-            o.schedule in ("cosine", "step", "constant"),
+            o.schedule in SCHEDULES,
             f"{name}.optim.schedule",
             o.schedule,
-            "one of ['cosine', 'step', 'constant']",
+            f"one of {list(SCHEDULES)}",
         )
         need(o.lr >= 0, f"{name}.optim.lr", o.lr, ">= 0")
         need(o.weight_decay >= 0, f"{name}.optim.weight_decay", o.weight_decay, ">= 0")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tdcompress.admm import ADMM, ADMMSchedule
-from tdcompress.config import Config, OptimConfig, PhaseConfig
+from tdcompress.config import OPTIMIZERS, SCHEDULES, Config, OptimConfig, PhaseConfig
 from tdcompress.planning import CompressionPlan, plan
 from tdcompress.surgery import decompose
 from tdcompress.train.checkpoint import (
@@ -71,7 +71,7 @@ def make_optimizer(params, oc: OptimConfig) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=oc.lr, weight_decay=oc.weight_decay)
     if oc.name == "adamw":
         return torch.optim.AdamW(params, lr=oc.lr, weight_decay=oc.weight_decay)
-    raise ValueError(f"optim.name must be 'sgd', 'adam' or 'adamw', got {oc.name!r}")
+    raise ValueError(f"optim.name must be one of {list(OPTIMIZERS)}, got {oc.name!r}")
 
 
 def lr_factor(oc: OptimConfig, epoch: int, epochs: int) -> float:
@@ -85,7 +85,7 @@ def lr_factor(oc: OptimConfig, epoch: int, epochs: int) -> float:
         return 0.5 * (1 + math.cos(math.pi * e / n))
     if oc.schedule == "step":
         return oc.gamma ** sum(epoch >= m * epochs for m in oc.milestones)
-    raise ValueError(f"optim.schedule must be 'cosine', 'step' or 'constant', got {oc.schedule!r}")
+    raise ValueError(f"optim.schedule must be one of {list(SCHEDULES)}, got {oc.schedule!r}")
 
 
 # Config keys each stage's result depends on (a dotted key covers its sub-keys); once the
@@ -323,9 +323,7 @@ class Pipeline:
         description, so building a model or exporting one needs no data files)."""
         from tdcompress.data import DATASETS
 
-        if self._data is None and self.cfg.data.dataset in DATASETS:
-            return dict(DATASETS[self.cfg.data.dataset])
-        return self.data()[2]
+        return dict(DATASETS[self.cfg.data.dataset])  # (what make_loaders returns too)
 
     def dense_model(self) -> nn.Module:
         from tdcompress.models import build_model

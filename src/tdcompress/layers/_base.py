@@ -948,8 +948,8 @@ def warm_plans(
         for m, t in zip(model.modules(), was):
             m.training = t
     for m in layers:  # the plans for a symbolic batch: those of the largest warmed batch
-        for k in sorted((k for k in m._plans if k[0] >= 2), key=lambda k: k[0]):
-            m._plans[(DYNAMIC, *k[1:])] = m._plans[k]
+        for dk in {(DYNAMIC, *k[1:]) for k in m._plans if k[0] >= 2}:
+            m._plans[dk] = m._plans[(planned_batch(m._plans, dk), *dk[1:])]
     return len(layers)
 
 

@@ -18,9 +18,11 @@ class MLP(nn.Module):
         for arg, v in (("in_features", in_features), ("num_classes", num_classes)):
             if not _positive_int(v):
                 raise ValueError(f"mlp: {arg} must be a positive int, got {v!r}")
-        if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-            raise ValueError(f"mlp: hidden must be a sequence of positive ints, got {hidden!r}")
-        if not all(_positive_int(h) for h in hidden):
+        if (
+            isinstance(hidden, (str, bytes))
+            or not isinstance(hidden, Sequence)
+            or not all(_positive_int(h) for h in hidden)
+        ):
             raise ValueError(f"mlp: hidden must be a sequence of positive ints, got {hidden!r}")
         dims = [in_features, *hidden]
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
