@@ -10,7 +10,9 @@ has finished into
 - ``docs/results/cifar10.md`` (the table) and ``docs/results/cifar10-curves.png``.
 
 Runs not finished yet are listed with the epochs they have done, so the table can be
-committed as results arrive and the command rerun in a later working stretch.
+committed as results arrive and the command rerun in a later working stretch. A finished
+run whose folder is absent (run folders are scratch space; a fresh checkout has none) keeps
+its row from the recorded JSON instead of dropping to "not started".
 
     python benchmarks/cifar10.py --run all --jobs 2 --data-root ../shared/data  # run (resumes)
     python benchmarks/cifar10.py                                        # collect only
@@ -324,8 +326,25 @@ def collect_run(key: str) -> dict[str, Any]:
     return row
 
 
-def collect() -> dict[str, Any]:
-    rows = [collect_run(k) for k in RUNS]
+def _has_folder(key: str) -> bool:
+    run = out_dir(run_config(key))
+    return (run / "state.json").exists() or (run / "metrics.jsonl").exists()
+
+
+def collect(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rows from the run folders; a finished run whose folder is absent keeps its recorded row.
+
+    Run folders are scratch space (a new machine or checkout starts without them), so a row in
+    ``recorded`` (the previous ``quality-cifar10.json``) with status "done" is kept, marked
+    ``"source": "recorded"``, when its folder holds nothing; a folder that holds anything
+    replaces it. An unfinished recorded row is not kept (its epochs are gone with the folder).
+    """
+    kept = {
+        r["key"]: {**r, "source": "recorded"}
+        for r in (recorded or {}).get("runs", [])
+        if r.get("status") == "done" and r.get("key") in RUNS
+    }
+    rows = [kept[k] if k in kept and not _has_folder(k) else collect_run(k) for k in RUNS]
     by_key = {r["key"]: r for r in rows}
     for r in rows:
         d = by_key.get(dense_run(r["key"]) or "")
@@ -602,7 +621,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.resume_proof:
         res = resume_proof(args.data_root, args.results_dir, REPO / "runs" / "cifar10-resume-proof")
         print(json.dumps({k: res[k] for k in ("metrics_identical", "weights_identical")}))
-    doc = collect()
+    previous = args.results_dir / "quality-cifar10.json"
+    doc = collect(json.loads(previous.read_text()) if previous.exists() else None)
     write(doc, args.results_dir, args.docs_dir)
     print(markdown(doc))
     return doc

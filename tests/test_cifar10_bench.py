@@ -234,3 +234,30 @@ def test_a_reusing_run_starts_once_its_source_has_the_stage_it_lends(bench, monk
     monkeypatch.setattr(bench, "reuse_ready", lambda key, sets=None: key != kd)
     with pytest.raises(SystemExit, match=r"kd_e90 \(not started: resnet20_tt_6\.8x_e90 has not"):
         bench.run([kd], "data", [], jobs=2)
+
+
+def test_collect_keeps_recorded_finished_rows_whose_folder_is_absent(bench, tmp_path, monkeypatch):
+    # run folders are scratch space: on a fresh checkout none exist, and rebuilding the page
+    # must not turn finished results into "not started"
+    monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
+    rec_dense = {"key": "resnet20_dense", "status": "done", "top1": 0.91, "curve": []}
+    rec_tt = {"key": "resnet20_tt_6.8x", "status": "done", "top1": 0.88, "curve": []}
+    rec_running = {"key": "resnet20_tt_4.5x", "status": "running", "epochs_done": {"admm": 3}}
+    rec_gone = {"key": "no_longer_listed", "status": "done", "top1": 0.5}
+    recorded = {"runs": [rec_dense, rec_tt, rec_running, rec_gone]}
+    # a folder that holds a newer run replaces the recorded row
+    _write(
+        tmp_path / "resnet20_dense",
+        {"train": {"test_acc": 0.92, "params": 270_000}},
+        [_rec("dense", e, 0.5) for e in range(1, 31)],
+    )
+    rows = {r["key"]: r for r in bench.collect(recorded)["runs"]}
+    assert rows["resnet20_dense"]["top1"] == 0.92 and "source" not in rows["resnet20_dense"]
+    kept = rows["resnet20_tt_6.8x"]
+    assert kept["status"] == "done" and kept["top1"] == 0.88 and kept["source"] == "recorded"
+    assert kept["delta_vs_dense"] == pytest.approx(0.88 - 0.92)
+    # an unfinished recorded run is not kept: its epochs went with its folder
+    assert rows["resnet20_tt_4.5x"]["status"] == "not started"
+    assert "no_longer_listed" not in rows
+    # without a record every absent run is "not started"
+    assert bench.collect()["runs"][1]["status"] == "not started"
