@@ -416,7 +416,8 @@ def plan(
     target is shared among layers: ``"equal_rank"`` (the paper's: about the same rank in
     every layer, so narrow layers keep most of their size and wide ones lose most) or
     ``"equal_ratio"`` (every layer shrunk by about the same factor in parameters, or in
-    MACs for a MAC target).
+    MACs for a MAC target; as nearly as whole ranks allow within the 3%: small layers
+    have coarse rank steps).
 
     ``overrides`` maps a layer name to spec fields (``format``, ``ranks``, ``out_factors``,
     ``in_factors``, ``layout``). ``input_shape`` (e.g. ``(1, 3, 32, 32)``) enables MAC counts.
@@ -616,13 +617,18 @@ def _additive_search(
     target: float,
     measure: Callable[[CompressionPlan], float],
     layer_size: Callable[[LayerPlan], tuple[float, float]],
+    windows: Sequence[Iterable[int]] | None = None,
+    equal_fraction: bool = False,
 ) -> CompressionPlan | None:
-    """Per-layer ranks (near ``start`` or 1 or a power of two) whose plan meets ``target``
-    within tolerance, as close to ``start`` as possible (sum of |log rank ratios|), or None.
+    """Per-layer ranks whose plan meets ``target`` within tolerance, or None: the ranks tried
+    are ``windows[i]`` (default: near ``start`` or 1 or a power of two), and the one kept
+    is the closest to ``start`` (sum of |log rank ratios|) or, with ``equal_fraction``, the
+    one whose layers are closest to one shared fraction f of their dense sizes (sum of
+    |log(size / (f dense))|, f the fraction that meets the target exactly).
 
     The measure is D / (F + S): S the sum of the planned layers' sizes, F the size of the
     rest; D and F follow from the start plan. A dynamic programme over the layers keeps,
-    per bucket of S (1/(4 L) of the allowed interval), the closest assignment."""
+    per bucket of S (1/(4 L) of the allowed interval), the best assignment."""
     base = at(start)
     n = len(start)
     sizes = [layer_size(lp) for lp in base.layers]
@@ -637,13 +643,22 @@ def _additive_search(
     if hi <= 0:
         return None
     far = {1 << k for k in range(17)}
+    if windows is None:
+        windows = [set(range(max(1, r0 - 3), r0 + 5)) | far for r0 in start]
+    share = (D / target - F) / dense  # the fraction f that meets the target exactly
     options: list[list[tuple[int, float]]] = []
-    for i, r0 in enumerate(start):
+    for i, window in enumerate(windows):
         seen: dict[tuple[int, ...], tuple[int, float]] = {}
-        for r in sorted(set(range(max(1, r0 - 3), r0 + 5)) | far):
+        for r in sorted(set(window)):
             lp = at(tuple(r if j == i else q for j, q in enumerate(start))).layers[i]
             seen.setdefault(tuple(lp.spec.ranks), (r, layer_size(lp)[0]))  # (clipped: once)
         options.append(list(seen.values()))
+
+    def cost(i: int, r: int, size: float) -> float:
+        if equal_fraction:
+            return abs(math.log(max(size, 1e-12) / (share * sizes[i][1])))
+        return abs(math.log(r / start[i]))
+
     step = (hi - lo) / (4 * n)
     states: dict[int, tuple[float, float, tuple[int, ...]]] = {0: (0.0, 0.0, ())}
     for i, opts in enumerate(options):
@@ -653,7 +668,7 @@ def _additive_search(
                 t = total + size
                 if t > hi:
                     continue
-                d = dev + abs(math.log(r / start[i]))
+                d = dev + cost(i, r, size)
                 b = round(t / step)
                 if b not in nxt or d < nxt[b][0]:
                     nxt[b] = (d, t, (*chosen, r))
@@ -736,8 +751,16 @@ def _solve(
         if miss(at(starts[0])) <= RATIO_TOLERANCE:
             best = at(starts[0])
         else:
-            tries = [descend(list(r), windows, RATIO_TOLERANCE) for r in starts]
-            best = min(tries, key=miss)
+            # the combination of nearby ranks that stays closest to one shared fraction
+            # (one-layer moves towards the target can leave a small layer far off it)
+            found = _additive_search(
+                at, floor, target, measure, layer_size, windows=windows, equal_fraction=True
+            )
+            if found is not None:
+                best = found
+            else:
+                tries = [descend(list(r), windows, RATIO_TOLERANCE) for r in starts]
+                best = min(tries, key=miss)
     else:
         # equal ranks: from the better of r and r + 1, as close to the target as one-layer
         # changes get
