@@ -251,7 +251,32 @@ def test_collect_keeps_recorded_finished_rows_whose_folder_is_absent(bench, tmp_
         {"train": {"test_acc": 0.92, "params": 270_000}},
         [_rec("dense", e, 0.5) for e in range(1, 31)],
     )
-    rows = {r["key"]: r for r in bench.collect(recorded)["runs"]}
+    # a rerun that has not finished does not hide the finished recorded result
+    _write(tmp_path / "resnet32_dense", {}, [_rec("dense", 1, 0.3)])
+    rec_r32 = {
+        "key": "resnet32_dense",
+        "label": "ResNet-32 dense",
+        "method": "dense",
+        "status": "done",
+        "top1": 0.91,
+        "params": 464_154,
+        "ratio": 1.0,
+        "macs_reduction": 1.0,
+        "paper_top1": 92.49,
+        "epochs": {"dense": 30},
+        "epochs_done": {"dense": 30},
+        "wall_seconds": 600.0,
+        "curve": [],
+    }
+    recorded["runs"].append({**rec_r32, "rerun": "stale"})
+    doc = bench.collect(recorded)
+    rows = {r["key"]: r for r in doc["runs"]}
+    r32 = rows["resnet32_dense"]
+    assert r32["top1"] == 0.91 and r32["source"] == "recorded"
+    assert r32["rerun"] == "running (dense 1/30)"
+    assert "| ResNet-32 dense | done; rerun running (dense 1/30) | 91.00 |" in bench.markdown(
+        {**doc, "runs": [r32]}
+    )
     assert rows["resnet20_dense"]["top1"] == 0.92 and "source" not in rows["resnet20_dense"]
     kept = rows["resnet20_tt_6.8x"]
     assert kept["status"] == "done" and kept["top1"] == 0.88 and kept["source"] == "recorded"
