@@ -645,7 +645,8 @@ def _additive_search(
     far = {1 << k for k in range(17)}
     if windows is None:
         windows = [set(range(max(1, r0 - 3), r0 + 5)) | far for r0 in start]
-    share = (D / target - F) / dense  # the fraction f that meets the target exactly
+    # the fraction f that meets the target exactly (> 0: the band may start at S = 0)
+    share = max((D / target - F) / dense, 1e-12)
     options: list[list[tuple[int, float]]] = []
     for i, window in enumerate(windows):
         seen: dict[tuple[int, ...], tuple[int, float]] = {}
