@@ -236,23 +236,11 @@ def test_a_reusing_run_starts_once_its_source_has_the_stage_it_lends(bench, monk
         bench.run([kd], "data", [], jobs=2)
 
 
-def test_collect_keeps_recorded_finished_rows_whose_folder_is_absent(bench, tmp_path, monkeypatch):
+def test_collect_keeps_recorded_rows_and_reports_reruns_beside_them(bench, tmp_path, monkeypatch):
     # run folders are scratch space: on a fresh checkout none exist, and rebuilding the page
-    # must not turn finished results into "not started"
+    # must not turn finished results into "not started"; a rerun of a recorded config is
+    # shown beside the recorded result, never in its place
     monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
-    rec_dense = {"key": "resnet20_dense", "status": "done", "top1": 0.91, "curve": []}
-    rec_tt = {"key": "resnet20_tt_6.8x", "status": "done", "top1": 0.88, "curve": []}
-    rec_running = {"key": "resnet20_tt_4.5x", "status": "running", "epochs_done": {"admm": 3}}
-    rec_gone = {"key": "no_longer_listed", "status": "done", "top1": 0.5}
-    recorded = {"runs": [rec_dense, rec_tt, rec_running, rec_gone]}
-    # a folder that holds a newer run replaces the recorded row
-    _write(
-        tmp_path / "resnet20_dense",
-        {"train": {"test_acc": 0.92, "params": 270_000}},
-        [_rec("dense", e, 0.5) for e in range(1, 31)],
-    )
-    # a rerun that has not finished does not hide the finished recorded result
-    _write(tmp_path / "resnet32_dense", {}, [_rec("dense", 1, 0.3)])
     rec_r32 = {
         "key": "resnet32_dense",
         "label": "ResNet-32 dense",
@@ -268,19 +256,43 @@ def test_collect_keeps_recorded_finished_rows_whose_folder_is_absent(bench, tmp_
         "wall_seconds": 600.0,
         "curve": [],
     }
-    recorded["runs"].append({**rec_r32, "rerun": "stale"})
+    rec_dense = {**rec_r32, "key": "resnet20_dense", "label": "ResNet-20 dense", "top1": 0.91}
+    rec_tt = {"key": "resnet20_tt_6.8x", "status": "done", "top1": 0.88, "delta_vs_dense": -0.03}
+    rec_running = {"key": "resnet20_tt_4.5x", "status": "running", "epochs_done": {"admm": 3}}
+    rec_gone = {"key": "no_longer_listed", "status": "done", "top1": 0.5}
+    recorded = {
+        "runs": [rec_dense, rec_tt, rec_running, rec_gone, {**rec_r32, "rerun": {"status": "x"}}]
+    }
+    # a finished rerun of the dense baseline, and a new run that started from it
+    _write(
+        tmp_path / "resnet20_dense",
+        {"train": {"test_acc": 0.92, "params": 270_000}},
+        [_rec("dense", e, 0.5) for e in range(1, 31)],
+    )
+    ev = {"finetuned_acc": 0.89, "compressed_params": 40_000, "dense_params": 270_000}
+    _write(
+        tmp_path / "resnet20_tt_6.8x_wd",
+        {"plan": {"ratio": 6.8, "macs_reduction": 2.8}, "evaluate": {**ev, "macs_reduction": 2.8}},
+        [_rec("finetune", e, 0.89) for e in range(1, 11)],
+    )
+    # an unfinished rerun
+    _write(tmp_path / "resnet32_dense", {}, [_rec("dense", 1, 0.3)])
     doc = bench.collect(recorded)
     rows = {r["key"]: r for r in doc["runs"]}
+    dense = rows["resnet20_dense"]
+    assert dense["top1"] == 0.91 and dense["source"] == "recorded"
+    assert dense["rerun"]["status"] == "done" and dense["rerun"]["top1"] == 0.92
+    md = bench.markdown({**doc, "runs": [dense, rows["resnet32_dense"]]})
+    assert "| ResNet-20 dense | done; rerun done 92.00 | 91.00 |" in md
     r32 = rows["resnet32_dense"]
-    assert r32["top1"] == 0.91 and r32["source"] == "recorded"
-    assert r32["rerun"] == "running (dense 1/30)"
-    assert "| ResNet-32 dense | done; rerun running (dense 1/30) | 91.00 |" in bench.markdown(
-        {**doc, "runs": [r32]}
-    )
-    assert rows["resnet20_dense"]["top1"] == 0.92 and "source" not in rows["resnet20_dense"]
+    assert r32["top1"] == 0.91 and r32["rerun"]["status"] == "running (dense 1/30)"
+    assert "| ResNet-32 dense | done; rerun running (dense 1/30) | 91.00 |" in md
+    # a recorded row keeps its comparison with the dense model it started from; a new run
+    # is compared with the dense model in the folders (the rerun)
     kept = rows["resnet20_tt_6.8x"]
-    assert kept["status"] == "done" and kept["top1"] == 0.88 and kept["source"] == "recorded"
-    assert kept["delta_vs_dense"] == pytest.approx(0.88 - 0.92)
+    assert kept["top1"] == 0.88 and kept["source"] == "recorded"
+    assert kept["delta_vs_dense"] == -0.03
+    assert rows["resnet20_tt_6.8x_wd"]["delta_vs_dense"] == pytest.approx(0.89 - 0.92)
     # an unfinished recorded run is not kept: its epochs went with its folder
     assert rows["resnet20_tt_4.5x"]["status"] == "not started"
     assert "no_longer_listed" not in rows
