@@ -37,6 +37,7 @@ CASES = {
     "lenet5": ((1, 28, 28), "tt", 20.0),
     "resnet20": ((3, 32, 32), "tt", 6.8),
 }
+TRAIN_IMAGES = {"lenet5": 60_000, "resnet20": 50_000}  # MNIST, CIFAR-10: the last batch
 MODES = (("fp32", False, False), ("fp32 NHWC", False, True), ("bf16 NHWC", True, True))
 COMPILED = (("bf16 NHWC compiled", True, True), ("bf16 NHWC compiled dynamic", True, True))
 DYNAMIC = {"bf16 NHWC compiled": False, "bf16 NHWC compiled dynamic": True}
@@ -101,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--last-batch",
         type=int,
-        default=50_000 % 128,
-        help="the epoch's last batch size, stepped once after the compile (default: CIFAR's 80)",
+        default=None,
+        help="batch size stepped once after the compile (default: the epoch's last batch, "
+        "training images mod --batch: 80 for CIFAR-10 at 128, 96 for MNIST)",
     )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/train_step.json")
     args = ap.parse_args(argv)
@@ -114,9 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
             for mode, bf16, nhwc in modes:
                 key = (name, variant, mode)
                 dyn = DYNAMIC.get(mode)
-                steps[key] = step_fn(
-                    model, CASES[name][0], bf16, nhwc, args.batch, dyn, args.last_batch
-                )
+                last = args.last_batch or TRAIN_IMAGES[name] % args.batch or args.batch
+                steps[key] = step_fn(model, CASES[name][0], bf16, nhwc, args.batch, dyn, last)
                 t0 = time.perf_counter()
                 steps[key]()  # warm-up (and the compile)
                 if dyn is not None:
@@ -151,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads,
             "batch": args.batch,
             "repeats": args.repeats,
-            "last_batch": args.last_batch,
+            "last_batch": {
+                m: args.last_batch or TRAIN_IMAGES[m] % args.batch or args.batch
+                for m in args.models
+            },
             "machine": platform.machine(),
             "loadavg": list(os.getloadavg()),
             "command": "python benchmarks/bench_train_step.py "

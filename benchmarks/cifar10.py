@@ -350,11 +350,13 @@ def collect(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
 
     Run folders are scratch space (a new machine or checkout starts without them), so a row in
     ``recorded`` (the previous ``quality-cifar10.json``) with status "done" is kept, marked
-    ``"source": "recorded"``, with its recorded comparison with dense. A run of the same
-    config found in its folder is a rerun: it is reported beside the recorded result
-    (``"rerun"``: its status, and top-1 and the comparison with the dense run it started
-    from once done), never in its place, so that a result changes only by editing the
-    record. An unfinished recorded row is not kept (its epochs are gone with the folder).
+    ``"source": "recorded"``, with its recorded comparison with dense (or, recorded before
+    its dense run finished, one with the dense run's recorded result). A different run of
+    the same config found in its folder (other per-epoch curve) is a rerun: it is reported
+    beside the recorded result (``"rerun"``: its status, and top-1 and the comparison with
+    the dense run it started from once done), never in its place, so that a result changes
+    only by editing the record. An unfinished recorded row is not kept (its epochs are gone
+    with the folder).
     """
     kept = {
         r["key"]: {**{k: v for k, v in r.items() if k != "rerun"}, "source": "recorded"}
@@ -368,6 +370,9 @@ def collect(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
             rows.append(fresh)
             continue
         row = dict(kept[k])
+        if fresh is not None and fresh.get("curve") == row.get("curve"):
+            rows.append(fresh)  # the recorded run itself, still in its folder: not a rerun
+            continue
         if fresh is not None:
             row["rerun"] = {
                 "status": _status(fresh),
@@ -389,6 +394,11 @@ def collect(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
             continue
         if "top1" in r and r.get("source") != "recorded":
             r["delta_vs_dense"] = r["top1"] - base
+        elif "top1" in r and "delta_vs_dense" not in r:
+            # recorded before its dense run had finished: the dense run's recorded result
+            d = by_key[dense_run(r["key"]) or ""]
+            if "top1" in d:
+                r["delta_vs_dense"] = r["top1"] - d["top1"]
         if "top1" in r.get("rerun", {}):
             r["rerun"]["delta_vs_dense"] = r["rerun"]["top1"] - base
     return {

@@ -298,3 +298,40 @@ def test_collect_keeps_recorded_rows_and_reports_reruns_beside_them(bench, tmp_p
     assert "no_longer_listed" not in rows
     # without a record every absent run is "not started"
     assert bench.collect()["runs"][1]["status"] == "not started"
+
+
+def test_collect_is_stable_and_fills_a_late_comparison(bench, tmp_path, monkeypatch):
+    # collecting twice over unchanged folders gives the same table: a finished run that was
+    # recorded by the first collect is not its own "rerun" in the second; and a row recorded
+    # before its dense run finished gets its comparison once that run is recorded
+    monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
+    _write(
+        tmp_path / "resnet20_dense_fp32",
+        {"train": {"test_acc": 0.905, "params": 270_000}},
+        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
+    )
+    _write(tmp_path / "resnet20_dense", {}, [_rec("dense", 1, 0.4)])  # still running
+    first = bench.collect()
+    fp32 = {r["key"]: r for r in first["runs"]}["resnet20_dense_fp32"]
+    assert fp32["status"] == "done" and "delta_vs_dense" not in fp32
+    (tmp_path / "resnet20_dense" / "state.json").write_text(
+        json.dumps({"done": {"train": {"test_acc": 0.91, "params": 270_000}}})
+    )
+    second = bench.collect(json.loads(json.dumps(first)))
+    third = bench.collect(json.loads(json.dumps(second)))
+    for doc in (second, third):
+        rows = {r["key"]: r for r in doc["runs"]}
+        assert "rerun" not in rows["resnet20_dense_fp32"] and "rerun" not in rows["resnet20_dense"]
+        assert rows["resnet20_dense_fp32"]["delta_vs_dense"] == pytest.approx(0.905 - 0.91)
+    assert bench.markdown(second) == bench.markdown(third)
+    # the folder gone, a row recorded without a comparison gets one from the recorded dense
+    import shutil
+
+    shutil.rmtree(tmp_path / "resnet20_dense_fp32")
+    recorded = json.loads(json.dumps(first))
+    for r in recorded["runs"]:
+        if r["key"] == "resnet20_dense":
+            r.update(status="done", top1=0.91)
+    rows = {r["key"]: r for r in bench.collect(recorded)["runs"]}
+    assert rows["resnet20_dense_fp32"]["source"] == "recorded"
+    assert rows["resnet20_dense_fp32"]["delta_vs_dense"] == pytest.approx(0.905 - 0.91)
