@@ -43,6 +43,11 @@ COMPILED = (("bf16 NHWC compiled", True, True), ("bf16 NHWC compiled dynamic", T
 DYNAMIC = {"bf16 NHWC compiled": False, "bf16 NHWC compiled dynamic": True}
 
 
+def last_batch(name: str, batch: int, given: int | None) -> int:
+    """``given``, or the size of an epoch's last batch of ``name``'s training set."""
+    return given or TRAIN_IMAGES[name] % batch or batch
+
+
 def make_models(name: str) -> dict[str, torch.nn.Module]:
     shape, fmt, ratio = CASES[name]
     torch.manual_seed(0)
@@ -111,12 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     steps, times, compile_s = {}, {}, {}
     modes = MODES + (COMPILED if args.compile else ())
+    lasts = {name: last_batch(name, args.batch, args.last_batch) for name in args.models}
     for name in args.models:
         for variant, model in make_models(name).items():
             for mode, bf16, nhwc in modes:
                 key = (name, variant, mode)
                 dyn = DYNAMIC.get(mode)
-                last = args.last_batch or TRAIN_IMAGES[name] % args.batch or args.batch
+                last = lasts[name]
                 steps[key] = step_fn(model, CASES[name][0], bf16, nhwc, args.batch, dyn, last)
                 t0 = time.perf_counter()
                 steps[key]()  # warm-up (and the compile)
@@ -152,10 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": args.threads,
             "batch": args.batch,
             "repeats": args.repeats,
-            "last_batch": {
-                m: args.last_batch or TRAIN_IMAGES[m] % args.batch or args.batch
-                for m in args.models
-            },
+            "last_batch": lasts,
             "machine": platform.machine(),
             "loadavg": list(os.getloadavg()),
             "command": "python benchmarks/bench_train_step.py "

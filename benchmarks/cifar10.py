@@ -10,9 +10,9 @@ has finished into
 - ``docs/results/cifar10.md`` (the table) and ``docs/results/cifar10-curves.png``.
 
 Runs not finished yet are listed with the epochs they have done, so the table can be
-committed as results arrive and the command rerun in a later working stretch. A finished
-run whose folder is absent (run folders are scratch space; a fresh checkout has none) keeps
-its row from the recorded JSON instead of dropping to "not started".
+committed as results arrive and the command rerun in a later working stretch. Finished
+results are kept from the recorded JSON (run folders are scratch space; a fresh checkout has
+none), and a later run of a recorded config is shown beside its result, not in its place.
 
     python benchmarks/cifar10.py --run all --jobs 2 --data-root ../shared/data  # run (resumes)
     python benchmarks/cifar10.py                                        # collect only
@@ -332,11 +332,6 @@ def collect_run(key: str) -> dict[str, Any]:
     return row
 
 
-def _has_folder(key: str) -> bool:
-    run = out_dir(run_config(key))
-    return (run / "state.json").exists() or (run / "metrics.jsonl").exists()
-
-
 def _status(row: dict[str, Any]) -> str:
     """'done', or e.g. 'running (admm 3/20, finetune 0/10)'."""
     if row["status"] == "done":
@@ -365,42 +360,32 @@ def collect(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
     }
     rows = []
     for k in RUNS:
-        fresh = collect_run(k) if _has_folder(k) or k not in kept else None
-        if k not in kept:
-            rows.append(fresh)
+        fresh = collect_run(k)
+        found = fresh["status"] != "not started"  # anything in its folder
+        if k not in kept or (found and fresh["curve"] == kept[k].get("curve")):
+            rows.append(fresh)  # new, or the recorded run itself still in its folder
             continue
         row = dict(kept[k])
-        if fresh is not None and fresh.get("curve") == row.get("curve"):
-            rows.append(fresh)  # the recorded run itself, still in its folder: not a rerun
-            continue
-        if fresh is not None:
+        if found:
             row["rerun"] = {
                 "status": _status(fresh),
                 **{f: fresh[f] for f in ("top1", "params", "wall_seconds") if f in fresh},
             }
         rows.append(row)
     by_key = {r["key"]: r for r in rows}
-
-    def dense_top1(key: str) -> float | None:
-        """Top-1 of the dense model a run in the folders started from (a rerun's if any)."""
-        d = by_key.get(dense_run(key) or "")
-        if d is None:
-            return None
-        return d.get("rerun", {}).get("top1", d.get("top1"))
-
     for r in rows:
-        base = dense_top1(r["key"])
-        if base is None:
+        d = by_key.get(dense_run(r["key"]) or "")
+        if d is None or "top1" not in r:
             continue
-        if "top1" in r and r.get("source") != "recorded":
-            r["delta_vs_dense"] = r["top1"] - base
-        elif "top1" in r and "delta_vs_dense" not in r:
-            # recorded before its dense run had finished: the dense run's recorded result
-            d = by_key[dense_run(r["key"]) or ""]
-            if "top1" in d:
-                r["delta_vs_dense"] = r["top1"] - d["top1"]
-        if "top1" in r.get("rerun", {}):
-            r["rerun"]["delta_vs_dense"] = r["rerun"]["top1"] - base
+        # a recorded row against the recorded dense result (kept if it has one); runs in
+        # the folders against the dense model they started from (the dense rerun's, if any)
+        started_from = d.get("rerun", {}).get("top1", d.get("top1"))
+        if r.get("source") != "recorded" and started_from is not None:
+            r["delta_vs_dense"] = r["top1"] - started_from
+        elif "delta_vs_dense" not in r and "top1" in d:
+            r["delta_vs_dense"] = r["top1"] - d["top1"]
+        if "top1" in r.get("rerun", {}) and started_from is not None:
+            r["rerun"]["delta_vs_dense"] = r["rerun"]["top1"] - started_from
     return {
         "dataset": "cifar10",
         "command": "python benchmarks/cifar10.py --run all --jobs 2 --data-root ../shared/data",
@@ -442,12 +427,11 @@ def markdown(doc: dict[str, Any]) -> str:
         status = _status(r)
         if "rerun" in r:
             rr = r["rerun"]
-            status += "; rerun " + (
-                f"{rr['status']} {100 * rr['top1']:.2f}"
-                + (f" ({100 * rr['delta_vs_dense']:+.2f})" if "delta_vs_dense" in rr else "")
-                if "top1" in rr
-                else rr["status"]
-            )
+            status += f"; rerun {rr['status']}"
+            if "top1" in rr:
+                status += f" {100 * rr['top1']:.2f}"
+            if "delta_vs_dense" in rr:
+                status += f" ({100 * rr['delta_vs_dense']:+.2f})"
         delta = "-" if "delta_vs_dense" not in r else f"{100 * r['delta_vs_dense']:+.2f}"
         paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
         params = f"{r['params']:,}" if "params" in r else "-"

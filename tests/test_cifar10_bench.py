@@ -20,17 +20,22 @@ def _write(run: Path, state: dict, records: list[dict]) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def _write_dense(run: Path, acc: float) -> None:
+    """A finished 30-epoch dense run with final test accuracy ``acc``."""
+    _write(
+        run,
+        {"train": {"test_acc": acc, "params": 270_000}},
+        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
+    )
+
+
 def _rec(phase, epoch, acc, seconds=60.0):
     return {"phase": phase, "epoch": epoch, "test_acc": acc, "train_loss": 1.0, "seconds": seconds}
 
 
 def test_collect_reports_done_and_running_runs(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
-    _write(
-        tmp_path / "resnet20_dense",
-        {"train": {"test_acc": 0.9, "params": 270_000}},
-        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
-    )
+    _write_dense(tmp_path / "resnet20_dense", 0.9)
     ev = {
         "finetuned_acc": 0.895,
         "compressed_params": 40_000,
@@ -48,11 +53,7 @@ def test_collect_reports_done_and_running_runs(bench, tmp_path, monkeypatch):
         {"plan": {"ratio": 4.5, "macs_reduction": 1.9}},
         [_rec("admm", 1, 0.8), _rec("admm", 2, 0.81)],
     )
-    _write(
-        tmp_path / "resnet20_dense_fp32",
-        {"train": {"test_acc": 0.903, "params": 270_000}},
-        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
-    )
+    _write_dense(tmp_path / "resnet20_dense_fp32", 0.903)
     doc = bench.collect()
     rows = {r["key"]: r for r in doc["runs"]}
     # the fp32 check is compared with the bf16 baseline; the baseline with nothing
@@ -264,11 +265,7 @@ def test_collect_keeps_recorded_rows_and_reports_reruns_beside_them(bench, tmp_p
         "runs": [rec_dense, rec_tt, rec_running, rec_gone, {**rec_r32, "rerun": {"status": "x"}}]
     }
     # a finished rerun of the dense baseline, and a new run that started from it
-    _write(
-        tmp_path / "resnet20_dense",
-        {"train": {"test_acc": 0.92, "params": 270_000}},
-        [_rec("dense", e, 0.5) for e in range(1, 31)],
-    )
+    _write_dense(tmp_path / "resnet20_dense", 0.92)
     ev = {"finetuned_acc": 0.89, "compressed_params": 40_000, "dense_params": 270_000}
     _write(
         tmp_path / "resnet20_tt_6.8x_wd",
@@ -305,11 +302,7 @@ def test_collect_is_stable_and_fills_a_late_comparison(bench, tmp_path, monkeypa
     # recorded by the first collect is not its own "rerun" in the second; and a row recorded
     # before its dense run finished gets its comparison once that run is recorded
     monkeypatch.setattr(bench, "out_dir", lambda cfg: tmp_path / Path(cfg.runtime.out_dir).name)
-    _write(
-        tmp_path / "resnet20_dense_fp32",
-        {"train": {"test_acc": 0.905, "params": 270_000}},
-        [_rec("dense", e, 0.5 + e / 100) for e in range(1, 31)],
-    )
+    _write_dense(tmp_path / "resnet20_dense_fp32", 0.905)
     _write(tmp_path / "resnet20_dense", {}, [_rec("dense", 1, 0.4)])  # still running
     first = bench.collect()
     fp32 = {r["key"]: r for r in first["runs"]}["resnet20_dense_fp32"]
