@@ -147,7 +147,11 @@ def test_loader_augment_keeps_values_and_rejects_bad_input():
     xb, _ = next(iter(TensorLoader(x, torch.zeros(8), 8, augment=Augment(0, flip=False))))
     torch.testing.assert_close(xb.sum(), x.float().div(255).sum())
     with pytest.raises(ValueError, match="images must be uint8"):
-        TensorLoader(x.float(), torch.zeros(8), 4)
+        TensorLoader(x.long(), torch.zeros(8), 4)
+    with pytest.raises(ValueError, match="float inputs"):  # features are used as given
+        TensorLoader(x.float(), torch.zeros(8), 4, augment=Augment(0, flip=False))
+    with pytest.raises(ValueError, match="float inputs"):
+        TensorLoader(x.float(), torch.zeros(8), 4, mean=(0.5,), std=(0.2,))
     with pytest.raises(ValueError, match="8 images but 7 labels"):
         TensorLoader(x, torch.zeros(7), 4)
     with pytest.raises(ValueError, match="unknown dataset 'svhn'"):

@@ -27,7 +27,7 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"  # mnist | fashion_mnist | cifar10 | cifar100 | digits
+    dataset: str = "digits"  # mnist | fashion_mnist | cifar10 | cifar100 | fsdd | digits
     root: str | None = None  # data root; the CLI's --data-root overrides it
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -37,6 +37,9 @@ class DataConfig:
     normalize: bool = True
     train_subset: int | None = None  # first N training samples (smoke runs)
     download: bool = False
+    # fsdd only: "official" split (recording index 0-4 test) or "speaker" (leave `speaker` out)
+    protocol: str = "official"
+    speaker: str | None = None
 
 
 @dataclass
@@ -276,6 +279,22 @@ def _check_ranges(cfg: Config) -> None:
         "null or an int >= 1",
     )
     need(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "an int >= 0")
+    from tdcompress.data.speech import PROTOCOLS, SPEAKERS
+
+    need(d.protocol in PROTOCOLS, "data.protocol", d.protocol, f"one of {list(PROTOCOLS)}")
+    if d.dataset == "fsdd":
+        need(not d.augment, "data.augment", d.augment, "false for fsdd (no augmentation)")
+        if d.protocol == "speaker":
+            need(d.speaker in SPEAKERS, "data.speaker", d.speaker, f"one of {list(SPEAKERS)}")
+        else:
+            need(d.speaker is None, "data.speaker", d.speaker, "null with data.protocol official")
+    else:
+        need(
+            d.protocol == "official" and d.speaker is None,
+            "data.protocol / data.speaker",
+            (d.protocol, d.speaker),
+            "'official' / null: protocols and speakers are for data.dataset fsdd",
+        )
     for name in ("dense", "admm", "finetune"):
         ph = getattr(cfg, name)
         o = ph.optim

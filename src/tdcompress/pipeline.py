@@ -830,6 +830,9 @@ def _model_defaults(name: str, info: dict[str, Any], kwargs: dict[str, Any]) -> 
     elif name.startswith("resnet"):
         out.setdefault("num_classes", info["num_classes"])
         out.setdefault("in_channels", info["input_shape"][0])
+    elif name == "lstm_speech":
+        out.setdefault("num_classes", info["num_classes"])
+        out.setdefault("input_size", info["input_shape"][-1] - 1)  # less the valid-step channel
     elif name == "mlp":
         out.setdefault("num_classes", info["num_classes"])
         out.setdefault("in_features", int(math.prod(info["input_shape"])))

@@ -21,6 +21,7 @@ from tdcompress.data.readers import (
     read_mnist,
     verify_files,
 )
+from tdcompress.data.speech import load_fsdd, read_fsdd, read_wav
 
 __all__ = [
     "ChecksumError",
@@ -43,6 +44,9 @@ __all__ = [
     "read_idx",
     "read_mnist",
     "verify_files",
+    "load_fsdd",
+    "read_fsdd",
+    "read_wav",
 ]
 
 
@@ -64,11 +68,21 @@ def make_loaders(
         from tdcompress.data.download import download
 
         download(cfg.dataset, root)
-    xtr, ytr = load_dataset(cfg.dataset, root, "train")
-    xte, yte = load_dataset(cfg.dataset, root, "test")
+    if cfg.dataset == "fsdd":  # features, normalised with training-set statistics
+        if root is None or str(root) == "":
+            raise ValueError(
+                "dataset 'fsdd' needs a data root (data.root, --data-root or "
+                f"$TDCOMPRESS_DATA_ROOT), got root={root!r}"
+            )
+        xtr, ytr, xte, yte = load_fsdd(root, cfg.protocol, cfg.speaker)
+    else:
+        xtr, ytr = load_dataset(cfg.dataset, root, "train")
+        xte, yte = load_dataset(cfg.dataset, root, "test")
     if cfg.train_subset:
         xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
     norm = (info["mean"], info["std"]) if cfg.normalize else (None, None)
+    if info["mean"] is None:
+        norm = (None, None)
     aug = Augment(cfg.crop_padding, cfg.flip) if cfg.augment else None
     train = TensorLoader(
         xtr,

@@ -14,7 +14,9 @@ __all__ = ["TensorLoader"]
 
 
 class TensorLoader:
-    """Iterates ``(x float, y long)`` batches over ``images`` (N, C, H, W) uint8.
+    """Iterates ``(x float, y long)`` batches over ``images`` (N, C, H, W) uint8, or over
+    ready-made float features of any shape (N, ...), which are batched as they are (cast to
+    ``dtype``; no augmentation or normalisation: e.g. the FSDD spectrogram sequences).
 
     The whole set lives on ``device`` as uint8 (CIFAR-10: 150 MB), so there is no worker
     process and no host-to-device copy per batch. Per batch: gather the samples, ``augment``
@@ -51,11 +53,23 @@ class TensorLoader:
         dtype: torch.dtype = torch.float32,
         pad: bool = True,
     ) -> None:
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        features = isinstance(images, torch.Tensor) and images.dtype.is_floating_point
+        if features:  # ready-made float inputs of any shape: passed through as they are
+            if images.dim() < 2 or augment is not None or mean is not None or std is not None:
+                raise ValueError(
+                    "TensorLoader: float inputs (features) must be (N, ...) with augment, mean "
+                    f"and std None (they are used as given), got shape {tuple(images.shape)}, "
+                    f"augment={augment!r}, mean={mean!r}, std={std!r}"
+                )
+        elif (
+            not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4
+        ):
             got = (
                 (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else images
             )
-            raise ValueError(f"TensorLoader: images must be uint8 (N, C, H, W), got {got!r}")
+            raise ValueError(
+                f"TensorLoader: images must be uint8 (N, C, H, W) or float features, got {got!r}"
+            )
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
             raise ValueError(f"TensorLoader: labels must be a 1-d tensor, got {got!r}")
@@ -84,7 +98,11 @@ class TensorLoader:
         self.augment, self.mean, self.std = augment, mean, std
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.channels_last, self.dtype, self.pad = channels_last, dtype, pad
-        self._scale, self._shift = uint8_affine(mean, std, images.shape[1], self.device, dtype)
+        self.features = features
+        if features:
+            self._scale = self._shift = None
+        else:
+            self._scale, self._shift = uint8_affine(mean, std, images.shape[1], self.device, dtype)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -129,7 +147,10 @@ class TensorLoader:
             x = self.images[sel]
             if self.augment is not None:
                 x = self.augment(x, ga)
-            x = torch.addcmul(self._shift, x.to(self.dtype), self._scale)
-            if self.channels_last:
+            if self.features:
+                x = x.to(self.dtype)
+            else:
+                x = torch.addcmul(self._shift, x.to(self.dtype), self._scale)
+            if self.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[sel]

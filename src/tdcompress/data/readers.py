@@ -206,6 +206,9 @@ DATASETS = {
         mean=(0.5071, 0.4865, 0.4409),
         std=(0.2673, 0.2564, 0.2762),
     ),
+    # Free Spoken Digit Dataset as spectrogram sequences (data.speech): MAX_STEPS steps of
+    # 8 frames x 128 bins, plus the valid-step channel; normalised when it is read
+    "fsdd": DatasetInfo(num_classes=10, input_shape=(16, 1025), mean=None, std=None),
     "digits": DatasetInfo(num_classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.38,)),
     "synthetic": DatasetInfo(num_classes=4, input_shape=(1, 8, 8), mean=(0.5,), std=(0.29,)),
 }
@@ -242,6 +245,11 @@ def load_dataset(
     if name == "digits":
         x, y = _digits(split)
         return torch.from_numpy(x), torch.from_numpy(y).long()
+    if name == "fsdd":
+        raise ValueError(
+            "dataset 'fsdd' is read as feature sequences by tdcompress.data.load_fsdd(root, "
+            "protocol, speaker), not as images"
+        )
     if name == "synthetic":
         from tdcompress.data.synthetic import synthetic_dataset
 

@@ -9,7 +9,12 @@ from typing import Any
 from torch import nn
 
 from tdcompress.models.lenet import LeNet5, lenet5
-from tdcompress.models.lstm_video import LSTMVideoClassifier, lstm_video
+from tdcompress.models.lstm_video import (
+    LSTMClassifier,
+    LSTMVideoClassifier,
+    lstm_speech,
+    lstm_video,
+)
 from tdcompress.models.mlp import MLP, mlp
 from tdcompress.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
 from tdcompress.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34
@@ -28,8 +33,10 @@ __all__ = [
     "ImageNetResNet",
     "resnet18",
     "resnet34",
+    "LSTMClassifier",
     "LSTMVideoClassifier",
     "lstm_video",
+    "lstm_speech",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -41,6 +48,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "lstm_video": lstm_video,
+    "lstm_speech": lstm_speech,
 }
 
 

@@ -1,0 +1,450 @@
+"""TT-LSTM on real speech (issue 20): the Free Spoken Digit Dataset, run, collect, report.
+
+Every run is one config in ``configs/fsdd/`` run by ``tdcompress`` with a seed, a protocol
+and a run folder set on the command line (the JSON records each run's full command):
+
+- official split (recording index 0-4 test), seeds 0, 1, 2: the dense LSTM; ADMM -> TT of
+  the input-to-hidden matrix at 12.6x, 93x and 819x; at 93x also TT-SVD + fine-tune, TT from
+  scratch, tensor ring (82x) and low rank (85x), each with the ADMM run's budget;
+- leave-one-speaker-out (6 folds, seed 0): dense, ADMM -> TT 93x and its two baselines.
+
+A compressed run starts from the dense run of its seed and fold. This script runs what is
+not finished (``--jobs`` at a time, 1 thread each, dense runs first; every run resumes per
+epoch after a kill) and collects what has finished into
+``benchmarks/results/quality-fsdd.json``, ``docs/results/fsdd.md`` and
+``docs/results/fsdd.png``. ``--latency`` also times the seed-0 official models per sequence
+(batch 1 and 32, PyTorch eager, 1 thread, medians of interleaved repeats).
+
+    python benchmarks/fsdd.py --run --jobs 2 --data-root DATA   # run (resumes), collect
+    python benchmarks/fsdd.py --latency --data-root DATA        # + latency, collect
+    python benchmarks/fsdd.py                                   # collect only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdcompress.data.speech import SPEAKERS
+from tdcompress.report import command_block, pyplot, save_figure
+from tdcompress.train.checkpoint import atomic_write_text
+from tdcompress.train.loop import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "fsdd"
+RESULTS = REPO / "benchmarks" / "results" / "quality-fsdd.json"
+PAGE = REPO / "docs" / "results" / "fsdd.md"
+FIGURE = REPO / "docs" / "results" / "fsdd.png"
+COMMAND = "python benchmarks/fsdd.py --run --latency --jobs 2 --data-root DATA"
+
+# key: (label, method)
+METHODS: dict[str, tuple[str, str]] = {
+    "dense": ("dense LSTM", "dense"),
+    "tt_12x": ("ADMM -> TT, rank 24", "admm"),
+    "tt_93x": ("ADMM -> TT, rank 8", "admm"),
+    "tt_819x": ("ADMM -> TT, rank 2", "admm"),
+    "tt_93x_dtf": ("TT-SVD + fine-tune, rank 8", "dtf"),
+    "tt_93x_scratch": ("TT from scratch, rank 8", "scratch"),
+    "tr_82x": ("ADMM -> tensor ring, rank 5", "admm"),
+    "svd_85x": ("ADMM -> low rank, rank 4", "admm"),
+}
+SEEDS = (0, 1, 2)
+OFFICIAL_KEYS = tuple(METHODS)
+SPEAKER_KEYS = ("dense", "tt_93x", "tt_93x_dtf", "tt_93x_scratch")
+MATRIX = 1024 * 512  # the dense input-to-hidden matrix (4 gates x 128 hidden, 1,024 inputs)
+LSTM_DENSE = 4 * 128 * (1024 + 128) + 2 * 4 * 128  # input and recurrent matrices, two biases
+
+
+def runs() -> list[dict[str, Any]]:
+    """Every run: id, config key, fold ("official" or "speaker-<name>"), seed, out_dir."""
+    out = []
+    for seed in SEEDS:
+        out += [dict(key=k, fold="official", seed=seed) for k in OFFICIAL_KEYS]
+    for sp in SPEAKERS:
+        out += [dict(key=k, fold=f"speaker-{sp}", seed=0) for k in SPEAKER_KEYS]
+    for r in out:
+        r["id"] = f"{r['fold']}/s{r['seed']}/{r['key']}"
+        r["out_dir"] = f"runs/fsdd/{r['id']}"
+        r["dense_dir"] = f"runs/fsdd/{r['fold']}/s{r['seed']}/dense"
+    return out
+
+
+def command(r: dict[str, Any], data_root: str = "DATA") -> list[str]:
+    """The ``tdcompress`` command of run ``r`` (from the repository root)."""
+    stage = "train" if r["key"] == "dense" else "pipeline"
+    cmd = [stage, f"configs/fsdd/{r['key']}.yaml", "--data-root", data_root]
+    cmd += ["--out-dir", r["out_dir"], "--set", f"seed={r['seed']}"]
+    if r["fold"] != "official":
+        cmd += ["--set", "data.protocol=speaker", "--set", f"data.speaker={r['fold'][8:]}"]
+    if r["key"] != "dense":
+        cmd += ["--set", f"runtime.dense_checkpoint={r['dense_dir']}/dense.pt"]
+    return ["tdcompress", *cmd]
+
+
+def finished(r: dict[str, Any]) -> bool:
+    st = REPO / r["out_dir"] / "state.json"
+    if not st.is_file():
+        return False
+    done = json.loads(st.read_text())["done"]
+    return "train" in done if r["key"] == "dense" else "evaluate" in done
+
+
+def run_all(data_root: str, jobs: int) -> None:
+    """Run every unfinished run, dense runs before the runs that start from them."""
+    pending = [r for r in runs() if not finished(r)]
+    logs = REPO / "runs" / "fsdd" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    active: list[tuple[dict[str, Any], subprocess.Popen]] = []
+    failed: list[str] = []
+    while pending or active:
+        for r, p in list(active):
+            if p.poll() is not None:
+                active.remove((r, p))
+                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode})"
+                if p.returncode:
+                    failed.append(r["id"])
+                print(f"[fsdd] {r['id']}: {status}", flush=True)
+        dense_done = {r["out_dir"] for r in runs() if r["key"] == "dense" and finished(r)}
+        ready = [r for r in pending if r["key"] == "dense" or r["dense_dir"] in dense_done]
+        while ready and len(active) < jobs:
+            r = ready.pop(0)
+            pending.remove(r)
+            cmd = [sys.executable, "-m", "tdcompress", *command(r, data_root)[1:]]
+            cmd += ["--set", "runtime.progress=false", "--set", "runtime.threads=1"]
+            log = open(logs / (r["id"].replace("/", "_") + ".log"), "a")
+            print(f"[fsdd] start {r['id']}", flush=True)
+            active.append((r, subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)))
+        if pending and not ready and not active:
+            raise RuntimeError(f"fsdd: runs waiting on failed dense runs: {failed}")
+        time.sleep(2)
+    if failed:
+        raise RuntimeError(f"fsdd: failed runs (see runs/fsdd/logs): {failed}")
+
+
+def collect_run(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of a finished run, or None."""
+    if not finished(r):
+        return None
+    out = REPO / r["out_dir"]
+    done = json.loads((out / "state.json").read_text())["done"]
+    rows = read_metrics(out / "metrics.jsonl", per_epoch=True)
+    res: dict[str, Any] = {
+        "id": r["id"],
+        "key": r["key"],
+        "label": METHODS[r["key"]][0],
+        "method": METHODS[r["key"]][1],
+        "fold": r["fold"],
+        "seed": r["seed"],
+        "config": f"configs/fsdd/{r['key']}.yaml",
+        "command": " ".join(command(r)),
+        "wall_seconds": round(sum(x.get("seconds", 0.0) for x in rows), 1),
+        "curve": [
+            {"phase": x["phase"], "epoch": x["epoch"], "test_acc": x["test_acc"]} for x in rows
+        ],
+    }
+    if r["key"] == "dense":
+        res.update(
+            top1=100 * done["train"]["test_acc"],
+            params=done["train"]["params"],
+            matrix_params=MATRIX,
+            lstm_params=LSTM_DENSE,
+        )
+        return res
+    from tdcompress.planning import CompressionPlan
+
+    ev = done["evaluate"]
+    plan = CompressionPlan.load(out / "plan.yaml")
+    (lp,) = plan.layers
+    res.update(
+        top1=100 * ev["finetuned_acc"],
+        dense_top1=100 * ev["dense_acc"],
+        admm_top1=None if ev["admm_acc"] is None else 100 * ev["admm_acc"],
+        params=ev["compressed_params"],
+        dense_params=ev["dense_params"],
+        ratio=ev["ratio"],
+        matrix_params=lp.params,
+        matrix_ratio=MATRIX / lp.params,
+        lstm_params=LSTM_DENSE - MATRIX + lp.params,
+        lstm_ratio=LSTM_DENSE / (LSTM_DENSE - MATRIX + lp.params),
+        format=ev["format"],
+        ranks=lp.ranks if hasattr(lp, "ranks") else None,
+        macs=plan.compressed_macs,
+        dense_macs=plan.model_macs,
+        macs_reduction=ev["macs_reduction"],
+    )
+    return res
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation of top-1 per method over the seeds (official split) and
+    over the six held-out speakers."""
+    out: dict[str, Any] = {}
+    for proto, keys, n in (
+        ("official", OFFICIAL_KEYS, len(SEEDS)),
+        ("speaker", SPEAKER_KEYS, len(SPEAKERS)),
+    ):
+        rows = {}
+        for k in keys:
+            got = [r for r in results if r["key"] == k and r["fold"].startswith(proto)]
+            if not got:
+                continue
+            m, s = _mean_std([r["top1"] for r in got])
+            rows[k] = {
+                "mean": m,
+                "std": s,
+                "n": len(got),
+                "of": n,
+                "values": {
+                    r["fold"] if proto == "speaker" else f"s{r['seed']}": r["top1"] for r in got
+                },
+            }
+        out[proto] = rows
+    return out
+
+
+def latency(data_root: str, repeats: int = 15) -> list[dict[str, Any]]:
+    """Per-sequence inference latency of the seed-0 official models (dense and every
+    compressed one that finished), batch 1 and 32, 16 steps, PyTorch eager, 1 thread:
+    medians of interleaved repeats (each model timed once per round, in turn)."""
+    from tdcompress.config import load_config
+    from tdcompress.pipeline import Pipeline
+    from tdcompress.train.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    models = {}
+    for r in runs():
+        if r["fold"] != "official" or r["seed"] != 0 or not finished(r):
+            continue
+        cfg = load_config(CONFIGS / f"{r['key']}.yaml")
+        cfg.runtime.out_dir = str(REPO / r["out_dir"])
+        cfg.data.root = data_root
+        cfg.runtime.threads = 1
+        p = Pipeline(cfg)
+        if r["key"] == "dense":
+            m = p.dense_model()
+            m.load_state_dict(load_checkpoint(REPO / r["out_dir"] / "dense.pt")["model"])
+        else:
+            m = p.compressed_model()
+            m.load_state_dict(load_checkpoint(REPO / r["out_dir"] / "finetuned.pt")["model"])
+        models[r["key"]] = m.eval()
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for batch in (1, 32):
+        x = torch.randn(batch, 16, 1025, generator=gen)
+        x[..., -1] = 1.0  # every step valid: the full 16-step sequence
+        times: dict[str, list[float]] = {k: [] for k in models}
+        inner = 20 if batch == 1 else 3
+        with torch.inference_mode():
+            for m in models.values():
+                for _ in range(3):
+                    m(x)
+            for _ in range(repeats):
+                for k, m in models.items():
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        m(x)
+                    times[k].append((time.perf_counter() - t0) / inner)
+        dense = statistics.median(times["dense"]) if "dense" in times else None
+        for k, ts in times.items():
+            med = statistics.median(ts)
+            out.append(
+                {
+                    "key": k,
+                    "batch": batch,
+                    "ms_per_batch": 1e3 * med,
+                    "us_per_sequence": 1e6 * med / batch,
+                    "speedup_vs_dense": None if dense is None else dense / med,
+                }
+            )
+    return out
+
+
+def _pm(row: dict[str, Any] | None) -> str:
+    if not row:
+        return "not run"
+    s = f"{row['mean']:.2f} ± {row['std']:.2f}"
+    return s + ("" if row["n"] == row["of"] else f" ({row['n']} of {row['of']})")
+
+
+def write_page(doc: dict[str, Any]) -> None:
+    res, summ = doc["runs"], doc["summary"]
+    first = {
+        k: next(
+            (r for r in res if r["key"] == k and r["fold"] == "official" and r["seed"] == 0), None
+        )
+        for k in METHODS
+    }
+    lines = [
+        "# TT-LSTM on real speech: the Free Spoken Digit Dataset (issue 20)",
+        "",
+        *command_block(COMMAND),
+        "DATA holds `free-spoken-digit-dataset/` (see the README, section Data). Every run's own",
+        "command is in `benchmarks/results/quality-fsdd.json` (`command`).",
+        "",
+        "Model: one-layer LSTM, 128 hidden units, on 16 steps of 1,024 inputs (8 log-spectrogram",
+        "frames of 128 bins, 64 ms of speech per step), the last valid hidden state into a",
+        "linear layer. Compressed: the input-to-hidden matrix (1,024 x 512, 524,288 parameters;",
+        "89% of the LSTM). Dense: 30 epochs (Adam, lr 2e-3, cosine). Compressed runs start from",
+        "the dense run of the same seed and fold: ADMM 20 + fine-tune 20 epochs; TT-SVD +",
+        "fine-tune: 40 fine-tuning epochs; from scratch: 70 epochs (30 + 40) from random init.",
+        "",
+        "## Official split (300 test recordings), 3 seeds",
+        "",
+        "| method | matrix params | matrix ratio | LSTM ratio | whole-model ratio | MACs "
+        "per sequence | top-1 % (mean ± std) | per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, (label, _) in METHODS.items():
+        r, s = first[k], summ["official"].get(k)
+        if r is None:
+            lines.append(f"| {label} | | | | | | not run | |")
+            continue
+        if k == "dense":
+            ratio = "1x | 1x | 1x"
+            macs = "9,438,464"
+        else:
+            ratio = f"{r['matrix_ratio']:.0f}x | {r['lstm_ratio']:.1f}x | {r['ratio']:.2f}x"
+            macs = f"{r['macs']:,} ({r['macs_reduction']:.2f}x fewer)"
+        per = ", ".join(f"{v:.2f}" for v in s["values"].values()) if s else ""
+        lines.append(f"| {label} | {r['matrix_params']:,} | {ratio} | {macs} | {_pm(s)} | {per} |")
+    lines += [
+        "",
+        "## Leave-one-speaker-out (500 test recordings of the held-out speaker), seed 0",
+        "",
+        "| method | mean ± std over 6 speakers | " + " | ".join(SPEAKERS) + " |",
+        "|---|---|" + "---|" * len(SPEAKERS),
+    ]
+    for k in SPEAKER_KEYS:
+        s = summ["speaker"].get(k)
+        vals = [
+            f"{s['values'][f'speaker-{sp}']:.2f}" if s and f"speaker-{sp}" in s["values"] else ""
+            for sp in SPEAKERS
+        ]
+        lines.append(f"| {METHODS[k][0]} | {_pm(s)} | " + " | ".join(vals) + " |")
+    if doc.get("latency"):
+        lines += [
+            "",
+            "## Inference latency per sequence (16 steps; seed-0 models; PyTorch eager, 1 thread)",
+            "",
+            "| model | batch 1: µs / sequence | vs dense | batch 32: µs / sequence | vs dense |",
+            "|---|---|---|---|---|",
+        ]
+        lat = {(x["key"], x["batch"]): x for x in doc["latency"]}
+        for k in METHODS:
+            if (k, 1) not in lat:
+                continue
+            a, b = lat[(k, 1)], lat[(k, 32)]
+            lines.append(
+                f"| {METHODS[k][0]} | {a['us_per_sequence']:.0f} | {a['speedup_vs_dense']:.2f}x "
+                f"| {b['us_per_sequence']:.0f} | {b['speedup_vs_dense']:.2f}x |"
+            )
+    lines += ["", "## Verdict", "", doc.get("verdict", "(runs not finished)"), ""]
+    lines += ["![curves and accuracy vs compression](fsdd.png)", ""]
+    atomic_write_text(PAGE, "\n".join(lines))
+
+
+def plot(doc: dict[str, Any]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    res, summ = doc["runs"], doc["summary"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for r in res:
+        if r["fold"] != "official" or r["seed"] != 0:
+            continue
+        acc = [100 * c["test_acc"] for c in r["curve"] if c["phase"] != "dense"]
+        if r["key"] == "dense":
+            acc = [100 * c["test_acc"] for c in r["curve"]]
+        a.plot(range(1, len(acc) + 1), acc, label=METHODS[r["key"]][0])
+    a.set(
+        xlabel="epoch of the run's own phases (dense: its 30; compressed: after dense)",
+        ylabel="test top-1 % (official split, seed 0)",
+        ylim=(80, 100),
+    )
+    a.legend(fontsize=7)
+    for k, marker in (
+        ("tt_12x", "o"),
+        ("tt_93x", "o"),
+        ("tt_819x", "o"),
+        ("tt_93x_dtf", "s"),
+        ("tt_93x_scratch", "^"),
+        ("tr_82x", "D"),
+        ("svd_85x", "v"),
+    ):
+        s = summ["official"].get(k)
+        r = next((x for x in res if x["key"] == k), None)
+        if s and r:
+            b.errorbar(
+                r["matrix_ratio"],
+                s["mean"],
+                yerr=s["std"],
+                fmt=marker,
+                capsize=3,
+                label=METHODS[k][0],
+            )
+    d = summ["official"].get("dense")
+    if d:
+        b.axhline(d["mean"], color="k", ls="--", lw=1, label="dense (mean of seeds)")
+    b.set(
+        xscale="log",
+        xlabel="input-to-hidden matrix compression (x)",
+        ylabel="test top-1 % (mean ± std, 3 seeds)",
+    )
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, FIGURE)
+
+
+def collect(lat: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = [x for x in (collect_run(r) for r in runs()) if x is not None]
+    doc = {
+        "dataset": "fsdd",
+        "command": COMMAND,
+        "torch": torch.__version__,
+        "runs": results,
+        "summary": summarise(results),
+        "latency": lat if lat is not None else old.get("latency"),
+        "verdict": old.get("verdict"),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS, json.dumps(doc, indent=1) + "\n")
+    write_page(doc)
+    plot(doc)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", action="store_true", help="run what is not finished, then collect")
+    ap.add_argument("--latency", action="store_true", help="time the seed-0 models")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--data-root", default=None)
+    a = ap.parse_args(argv)
+    if (a.run or a.latency) and not a.data_root:
+        ap.error("--run and --latency need --data-root")
+    if a.run:
+        run_all(a.data_root, a.jobs)
+    lat = latency(a.data_root) if a.latency else None
+    doc = collect(lat)
+    n = len(doc["runs"])
+    print(
+        f"collected {n} of {len(runs())} runs -> {RESULTS.relative_to(REPO)}, "
+        f"{PAGE.relative_to(REPO)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
