@@ -117,6 +117,9 @@ class RuntimeConfig:
     # torch.compile the training forward: true (inductor), false, or a torch.compile backend
     # name; the factorized layers' plans are warmed first, so the graph has no break
     compile: bool | str = False
+    # a second folder (e.g. committed under benchmarks/checkpoints/) that mirrors the run's
+    # resumable state after every epoch; an empty out_dir starts from it (train/keep.py)
+    keep_dir: str | None = None
 
 
 @dataclass

@@ -42,6 +42,7 @@ from tdcompress.train.distributed import (
     world_size,
     wrap_ddp,
 )
+from tdcompress.train.keep import mirror_run_folder, restore_run_folder
 from tdcompress.train.loop import MetricsLog, evaluate, read_metrics, train_epoch
 
 if TYPE_CHECKING:
@@ -169,6 +170,10 @@ class Pipeline:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.out = Path(cfg.runtime.out_dir)
+        self.keep = Path(cfg.runtime.keep_dir) if cfg.runtime.keep_dir else None
+        if self.keep is not None and is_main() and restore_run_folder(self.out, self.keep):
+            print(f"[run] {self.out} started from the kept state in {self.keep}", flush=True)
+        barrier()
         self._check_config_unchanged()  # early; again under the run lock, which writes it
         if is_main():
             self.out.mkdir(parents=True, exist_ok=True)
@@ -298,6 +303,12 @@ class Pipeline:
             st = self.state()
             st["done"][stage] = result
             atomic_write_text(self._state_path, json.dumps(st, indent=2))
+            self._mirror()
+
+    def _mirror(self) -> None:
+        """Bring ``runtime.keep_dir`` (if set) up to date with the run folder (rank 0)."""
+        if self.keep is not None:
+            mirror_run_folder(self.out, self.keep, self.state()["done"])
         barrier()
 
     def done(self, stage: str) -> bool:
@@ -500,6 +511,7 @@ class Pipeline:
                         "rng": rng_state(),
                     },
                 )
+                self._mirror()
             barrier()
         return {"model": model, "admm": admm, "last": last}
 

@@ -70,7 +70,7 @@ def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
         with wave.open(str(path), "rb") as w:
             rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
             frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as e:
+    except (wave.Error, EOFError, RuntimeError, OSError) as e:  # (malformed chunks)
         raise ValueError(f"{path}: not a readable WAV file ({e})") from None
     if rate != sample_rate:
         raise ValueError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz")
@@ -139,16 +139,20 @@ def log_spectrogram_steps(
     """``(steps (N, MAX_STEPS, FRAMES_PER_STEP * BINS), step counts (N,))`` of the padded
     waveforms ``waves`` (N, L) with ``lengths`` (N,): log power spectra (not normalised)
     grouped into blocks of ``FRAMES_PER_STEP`` frames; steps past a recording's end are
-    zero. A recording has ``floor(frames / FRAMES_PER_STEP)`` steps (at least 1, at most
-    ``MAX_STEPS``), ``frames = 1 + (length - N_FFT) // HOP``. ``chunk`` recordings at a time
-    (memory), each chunk one batched ``torch.stft``."""
+    zero. A recording has ``floor(frames / FRAMES_PER_STEP)`` steps (at most ``MAX_STEPS``;
+    recordings shorter than one step are refused), ``frames = 1 + (length - N_FFT) // HOP``.
+    ``chunk`` recordings at a time (memory), each chunk one batched ``torch.stft``."""
     if waves.dim() != 2 or lengths.shape != (waves.shape[0],):
         raise ValueError(
             f"waves must be (N, L) and lengths (N,), got {tuple(waves.shape)} and "
             f"{tuple(lengths.shape)}"
         )
-    if int(lengths.min()) < N_FFT:
-        raise ValueError(f"every recording needs >= {N_FFT} samples, got {int(lengths.min())}")
+    shortest = N_FFT + (FRAMES_PER_STEP - 1) * HOP  # one step of whole frames
+    if int(lengths.min()) < shortest:
+        raise ValueError(
+            f"every recording needs >= {shortest} samples (one step of {FRAMES_PER_STEP} "
+            f"frames), got one of {int(lengths.min())}"
+        )
     frames_needed = MAX_STEPS * FRAMES_PER_STEP
     need = N_FFT + (frames_needed - 1) * HOP
     if waves.shape[1] < need:
@@ -165,7 +169,7 @@ def log_spectrogram_steps(
     logspec = torch.cat(out)[:, :frames_needed]
     steps = logspec.reshape(len(waves), MAX_STEPS, FRAMES_PER_STEP * BINS)
     frames = 1 + (lengths - N_FFT) // HOP
-    counts = (frames // FRAMES_PER_STEP).clamp(1, MAX_STEPS)
+    counts = (frames // FRAMES_PER_STEP).clamp(max=MAX_STEPS)
     valid = torch.arange(MAX_STEPS)[None, :] < counts[:, None]
     return steps * valid[..., None], counts
 
