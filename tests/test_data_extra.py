@@ -295,3 +295,39 @@ def test_official_checksums_match_the_real_files_and_skip_download(data_root, mo
             assert dl.md5sum(folder / fname) == md5, fname
         if not src.archive:
             assert dl.download(name, data_root) == folder
+
+
+def test_validation_split_is_one_fixed_held_out_draw() -> None:
+    from tdcompress.config import DataConfig
+    from tdcompress.data import make_loaders, validation_split
+
+    x = torch.arange(100).view(100, 1, 1, 1).to(torch.uint8)
+    y = torch.arange(100) % 7
+    xtr, ytr, xv, yv = validation_split(x, y, 30)
+    tr, va = set(xtr.flatten().tolist()), set(xv.flatten().tolist())
+    assert len(tr) == 70 and len(va) == 30 and not tr & va and tr | va == set(range(100))
+    assert xtr.flatten().tolist() == sorted(tr)  # original order kept
+    torch.testing.assert_close(yv, xv.flatten().long() % 7)  # labels travel with their images
+    assert validation_split(x, y, 30)[2].equal(xv)  # the same draw every time
+    for bad in (0, 100, -1, 2.5, True):
+        with pytest.raises(ValueError, match="data.validation must be an int in"):
+            validation_split(x, y, bad)
+    cfg = DataConfig(dataset="synthetic", validation=50, batch_size=16, eval_batch_size=64)
+    full = make_loaders(DataConfig(dataset="synthetic"), device=torch.device("cpu"))
+    train, held, info = make_loaders(cfg, device=torch.device("cpu"), seed=3)
+    n = len(full[0].images)
+    assert len(train.images) == n - 50 and len(held.images) == 50
+    assert info["evaluated_on"].startswith("validation (50")
+    # the held-out images are training images, not test images
+    pool = {bytes(t.numpy()) for t in full[0].images}
+    assert all(bytes(t.numpy()) in pool for t in held.images)
+    assert full[2]["evaluated_on"] == "test"
+
+
+def test_config_refuses_negative_validation() -> None:
+    from tdcompress.config import load_config
+
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "mnist_lenet5_tt_small.yaml"
+    assert load_config(cfg, ["data.validation=5000"]).data.validation == 5000
+    with pytest.raises(ValueError, match="data.validation must be an int >= 0"):
+        load_config(cfg, ["data.validation=-1"])

@@ -121,6 +121,7 @@ def test_run_resumes_from_the_kept_state_on_a_fresh_machine(tmp_path, monkeypatc
     _state_dicts_equal(out / "finetuned.pt", straight / "finetuned.pt")
     ref = json.loads((straight / "state.json").read_text())["done"]["evaluate"]
     assert done["evaluate"]["finetuned_acc"] == ref["finetuned_acc"]
+    assert done["evaluate"]["evaluated_on"] == "test"
     kept = sorted(p.name for p in keep.iterdir())
     assert kept == ["config.json", "finetuned.pt", "metrics.jsonl", "plan.yaml", "state.json"]
 

@@ -36,6 +36,9 @@ class DataConfig:
     flip: bool = True
     normalize: bool = True
     train_subset: int | None = None  # first N training samples (smoke runs)
+    # N > 0: hold N training samples out (a fixed draw, the same for every seed and method)
+    # and evaluate on them instead of the test set: for choosing hyperparameters
+    validation: int = 0
     download: bool = False
     # fsdd only: "official" split (recording index 0-4 test) or "speaker" (leave `speaker` out)
     protocol: str = "official"
@@ -282,6 +285,7 @@ def _check_ranges(cfg: Config) -> None:
         "null or an int >= 1",
     )
     need(d.crop_padding >= 0, "data.crop_padding", d.crop_padding, "an int >= 0")
+    need(d.validation >= 0, "data.validation", d.validation, "an int >= 0 (0: the test set)")
     from tdcompress.data.speech import PROTOCOLS, SPEAKERS
 
     need(d.protocol in PROTOCOLS, "data.protocol", d.protocol, f"one of {list(PROTOCOLS)}")

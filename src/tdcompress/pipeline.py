@@ -673,6 +673,12 @@ class Pipeline:
             "layers_ratio": p.layers_ratio,
             "macs_reduction": p.macs_reduction,
             "format": self.cfg.compress.format,
+            # what the accuracies were measured on (data.validation: a held-out part of train)
+            "evaluated_on": (
+                f"validation ({self.cfg.data.validation} held out of the training set)"
+                if self.cfg.data.validation
+                else "test"
+            ),
         }
         if (self.out / "finetuned.pt").exists():
             model = self.compressed_model()

@@ -45,9 +45,31 @@ __all__ = [
     "read_mnist",
     "verify_files",
     "load_fsdd",
+    "validation_split",
     "read_fsdd",
     "read_wav",
 ]
+
+
+#: the seed of the validation draw: one split for every run, whatever its own seed
+VALIDATION_SEED = 20_260_000
+
+
+def validation_split(
+    x: torch.Tensor, y: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_val, y_val)``: ``n`` samples drawn without replacement (a
+    fixed draw, :data:`VALIDATION_SEED`) held out of ``(x, y)``; both parts keep their
+    original order."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < len(x):
+        raise ValueError(
+            f"data.validation must be an int in [1, {len(x) - 1}] (the training set has "
+            f"{len(x)} samples), got {n!r}"
+        )
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    held = torch.zeros(len(x), dtype=torch.bool)
+    held[perm[:n]] = True
+    return x[~held], y[~held], x[held], y[held]
 
 
 def make_loaders(
@@ -78,6 +100,10 @@ def make_loaders(
     else:
         xtr, ytr = load_dataset(cfg.dataset, root, "train")
         xte, yte = load_dataset(cfg.dataset, root, "test")
+    info["evaluated_on"] = "test"
+    if cfg.validation:
+        xtr, ytr, xte, yte = validation_split(xtr, ytr, cfg.validation)
+        info["evaluated_on"] = f"validation ({cfg.validation} held out of the training set)"
     if cfg.train_subset:
         xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
     norm = (info["mean"], info["std"]) if cfg.normalize else (None, None)
