@@ -24,6 +24,7 @@ from torch import nn
 from tdcompress.admm import ADMM, ADMMSchedule
 from tdcompress.config import OPTIMIZERS, SCHEDULES, Config, OptimConfig, PhaseConfig
 from tdcompress.planning import CompressionPlan, plan
+from tdcompress.serialization import load_compressed, load_model_state, save_compressed
 from tdcompress.surgery import decompose
 from tdcompress.train.checkpoint import (
     atomic_write_text,
@@ -348,10 +349,21 @@ class Pipeline:
     def load_plan(self) -> CompressionPlan:
         return CompressionPlan.load(self.out / "plan.yaml")
 
-    def compressed_model(self) -> nn.Module:
-        """The factorized architecture (weights to be loaded from a checkpoint)."""
-        model, _ = decompose(self.dense_model(), self.load_plan())
+    def compressed_model(self, checkpoint: str = "finetuned.pt") -> nn.Module:
+        """The run's factorized model holding the weights of ``out_dir/checkpoint``
+        (``decomposed.pt`` or ``finetuned.pt``), rebuilt by
+        :func:`tdcompress.load_compressed` from the dense architecture, nothing decomposed;
+        a file written before the layers kept their records loads with ``plan.yaml``."""
+        model = load_compressed(
+            self.out / checkpoint,
+            self.dense_model(),
+            plan=self.load_plan(),
+            map_location=self.device,
+        )
         return self._prepare(model)
+
+    def _save_compressed(self, model: nn.Module, checkpoint: str) -> None:
+        save_compressed(model, self.out / checkpoint, plan=self.load_plan())
 
     def _dense_from(self, checkpoint: str) -> nn.Module:
         """The dense architecture holding the weights of ``out_dir/checkpoint``."""
@@ -421,7 +433,7 @@ class Pipeline:
         scaler = torch.amp.GradScaler("cuda") if self.cfg.runtime.amp == "fp16" else None
         if ckpt.exists():
             st = load_checkpoint(ckpt, map_location=self.device)
-            model.load_state_dict(st["model"])
+            load_model_state(model, st["model"])  # (records filled in for older runs)
             opt.load_state_dict(st["optimizer"])
             if admm is not None:
                 admm.load_state_dict(st["admm"])
@@ -596,7 +608,7 @@ class Pipeline:
             new = self._prepare(new)
         ev = evaluate(new, self.data()[1], device=self.device)
         if is_main():
-            save_checkpoint(self.out / "decomposed.pt", {"model": new.state_dict()})
+            self._save_compressed(new, "decomposed.pt")
             print(report, flush=True)
         self._mark_done(
             "decompose",
@@ -622,12 +634,11 @@ class Pipeline:
         return f"random init ({n} factorized layers)"
 
     def stage_finetune(self) -> None:
-        model = self.compressed_model()
-        model.load_state_dict(load_checkpoint(self.out / "decomposed.pt", self.device)["model"])
+        model = self.compressed_model("decomposed.pt")
         self._train_phase("finetune", model, self.cfg.finetune)
         ev = evaluate(model, self.data()[1], device=self.device)
         if is_main():
-            save_checkpoint(self.out / "finetuned.pt", {"model": model.state_dict()})
+            self._save_compressed(model, "finetuned.pt")
         self._mark_done("finetune", {"test_acc": ev["acc"]})
 
     def _deferred_dense_acc(self, path: Path) -> float:
@@ -663,8 +674,7 @@ class Pipeline:
             "format": self.cfg.compress.format,
         }
         if (self.out / "finetuned.pt").exists():
-            model = self.compressed_model()
-            model.load_state_dict(load_checkpoint(self.out / "finetuned.pt", self.device)["model"])
+            model = self.compressed_model("finetuned.pt")
             result["finetuned_acc"] = evaluate(model, self.data()[1], device=self.device)["acc"]
             result["compressed_params"] = _params(model)
         self._mark_done("evaluate", result)
@@ -726,8 +736,11 @@ class Pipeline:
                 f"{str(ckpt)!r} does not exist: run the {stage[weights]} stage of this config "
                 f"first (weights={weights!r})"
             )
-        model = self.dense_model() if weights == "dense" else self.compressed_model()
-        model.load_state_dict(load_checkpoint(ckpt, self.device)["model"])
+        if weights == "dense":
+            model = self.dense_model()
+            model.load_state_dict(load_checkpoint(ckpt, self.device)["model"])
+        else:
+            model = self.compressed_model(ckpt.name)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         x = torch.randn((batch_size, *self.input_shape()[1:]), generator=gen).to(self.device)
         if path is None:
