@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from tdcompress.admm import ADMM, ADMMSchedule
-from tdcompress.config import OPTIMIZERS, SCHEDULES, Config, OptimConfig, PhaseConfig
+from tdcompress.config import (
+    OPTIMIZERS,
+    SCHEDULES,
+    Config,
+    OptimConfig,
+    PhaseConfig,
+    read_json,
+)
 from tdcompress.planning import CompressionPlan, plan
 from tdcompress.serialization import load_compressed, load_model_state, save_compressed
 from tdcompress.surgery import decompose
@@ -214,7 +221,7 @@ class Pipeline:
     def _config_of(self, run_dir: Path) -> dict[str, Any]:
         """The flattened config a run folder was written with. A key missing from an older
         config.json did not exist then, and that run ran as its default does now."""
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = read_json(run_dir / "config.json", "the settings of that run")
         return _flatten(_merged(type(self.cfg)().to_dict(), saved))
 
     def reuse_stages(self, src: str | Path) -> list[str]:
@@ -243,7 +250,8 @@ class Pipeline:
                 "before: stages are reused into a fresh run folder (to resume this one, "
                 "drop --reuse-from)"
             )
-        old, done = self._config_of(src_dir), json.loads((src_dir / "state.json").read_text())
+        old = self._config_of(src_dir)
+        done = read_json(src_dir / "state.json", "its finished stages")
         done = done["done"]
         taken: list[str] = []
         guarded: list[str] = []
@@ -291,7 +299,7 @@ class Pipeline:
 
     def state(self) -> dict[str, Any]:
         if self._state_path.exists():
-            return json.loads(self._state_path.read_text())
+            return read_json(self._state_path, "this run's finished stages")
         return {"done": {}}
 
     def _mark_done(self, stage: str, result: dict[str, Any]) -> None:

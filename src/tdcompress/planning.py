@@ -247,7 +247,18 @@ class CompressionPlan:
         import yaml
 
         text = Path(path).read_text()
-        return cls.from_dict(yaml.safe_load(text))  # YAML is a superset of JSON
+        try:
+            d = yaml.safe_load(text)  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            from tdcompress.config import yaml_problem
+
+            raise ValueError(
+                f"plan file {path} is not valid YAML: {yaml_problem(e)}; restore it or plan "
+                "again (`tdcompress plan CONFIG --force`)"
+            ) from None
+        if not isinstance(d, Mapping) or "layers" not in d:
+            raise ValueError(f"plan file {path} holds no plan (a mapping with 'layers')")
+        return cls.from_dict(d)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise a clear error if ``model`` does not contain every planned weight."""
