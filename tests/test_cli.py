@@ -148,6 +148,17 @@ def test_corrupt_files_of_a_run_folder_are_named(finished_run, tmp_path, capsys)
     error_line(capsys, ["evaluate", str(cfg)], "state.json: not valid JSON")
 
 
+def test_a_dense_checkpoint_of_another_model(finished_run, tmp_path, capsys):
+    other = write_cfg(tmp_path, model={"kwargs": {"hidden": [16], "num_classes": 4}})
+    error_line(
+        capsys,
+        ["train", str(other), "--set", f"runtime.dense_checkpoint={finished_run / 'run/dense.pt'}"],
+        "runtime.dense_checkpoint",
+        "does not fit model 'mlp'",
+        "size mismatch",
+    )
+
+
 def test_debug_shows_the_traceback_instead(tmp_path, capsys):
     missing = str(tmp_path / "nope.yaml")
     for argv in (["--debug", "plan", missing], ["plan", missing, "--debug"]):

@@ -556,7 +556,14 @@ class Pipeline:
         """``model`` holding the weights of the dense checkpoint ``path`` (a training
         checkpoint or a bare state dict)."""
         st = load_checkpoint(path, map_location=self.device)
-        model.load_state_dict(st.get("model", st))
+        try:
+            model.load_state_dict(st.get("model", st))
+        except RuntimeError as e:  # (another architecture: missing, unexpected or other shapes)
+            raise ValueError(
+                f"runtime.dense_checkpoint {str(path)!r} does not fit model "
+                f"{self.cfg.model.name!r} {self.cfg.model.kwargs or ''}: {e}; point it at "
+                "a checkpoint of this model"
+            ) from None
         return model
 
     def _keep_dense(self, model: nn.Module) -> float:
