@@ -56,7 +56,8 @@ def no_env_root(monkeypatch):
 
 
 def test_a_missing_config_file(tmp_path, capsys):
-    error_line(capsys, ["plan", str(tmp_path / "nope.yaml")], "nope.yaml does not exist")
+    missing = str(tmp_path / "nope.yaml")
+    error_line(capsys, ["plan", missing], "nope.yaml does not exist", "configs/")
 
 
 def test_a_malformed_yaml_config_names_the_file_and_line(tmp_path, capsys):

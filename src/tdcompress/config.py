@@ -240,7 +240,10 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
+            raise FileNotFoundError(
+                f"config file {p} does not exist; give the path of an experiment YAML "
+                "(examples: configs/ in the repository)"
+            )
         try:
             d = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
