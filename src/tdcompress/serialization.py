@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from tdcompress.formats.base import FactorSpec, LayerGeometry
-from tdcompress.layers._base import RECORD_KEY, FactorizedLayer, check_record, no_init
+from tdcompress.layers._base import (
+    RECORD_KEY,
+    FactorizedLayer,
+    check_record,
+    no_init,
+    structural_spec,
+)
 from tdcompress.planning import CompressionPlan
 
 __all__ = [
@@ -284,7 +290,13 @@ def _layer_from_record(current: nn.Module | None, rec: Mapping[str, Any], where:
     kw = _like(current) if current is not None else {}
     with no_init():
         layer = cls._from_spec(geometry, spec, **kw)  # type: ignore[attr-defined]
-    layer.spec = spec
+    if structural_spec(layer.spec) != structural_spec(spec):  # (resolved otherwise here)
+        raise ValueError(
+            f"{where}: the recorded {rec['class']} spec {spec.to_dict()} resolves to "
+            f"{layer.spec.to_dict()} here; the file does not describe a layer this "
+            "tdcompress builds"
+        )
+    layer.spec = spec  # (with the recorded options)
     return layer
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "no_init",
     "init_skipped",
     "check_record",
+    "structural_spec",
 ]
 
 
@@ -717,7 +718,7 @@ def check_record(state: Any, where: str, keys: Sequence[str]) -> Mapping[str, An
     return state
 
 
-def _structural(spec: FactorSpec) -> FactorSpec:
+def structural_spec(spec: FactorSpec) -> FactorSpec:
     """``spec`` without its options (they steer decompositions, not the layer's shape)."""
     return dataclasses.replace(spec, options={})
 
@@ -753,7 +754,7 @@ class FactorizedLayer(nn.Module):
         if (
             rec["class"] != name
             or geometry != self.geometry
-            or _structural(spec) != _structural(self.spec)
+            or structural_spec(spec) != structural_spec(self.spec)
         ):
             raise ValueError(
                 f"{name}: the state dict holds a {rec['class']} with {spec.to_dict()} and "
