@@ -1,4 +1,9 @@
-"""The ``tdcompress`` command: the pipeline, its single stages, the demo, and export."""
+"""The ``tdcompress`` command: the pipeline, its single stages, the demo, export and
+download.
+
+An error the user can cause (a missing or corrupt file, a malformed config, a bad setting)
+prints one line, ``tdcompress: error: ...``, and exits with status 2; ``--debug`` shows
+the traceback instead."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tdcompress",
         description="Compress neural networks with ADMM-regularized tensor decompositions.",
     )
+    debug_help = "on an error, show the Python traceback instead of one line"
+    p.add_argument("--debug", action="store_true", help=debug_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(
@@ -35,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out-dir", help="run folder for checkpoints and reports")
         if force:
             sp.add_argument("--force", action="store_true", help="rerun finished stages")
+        # (also after the command; SUPPRESS keeps a --debug given before it)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
 
     pl = sub.add_parser("pipeline", help="run every stage, resuming finished ones")
     common(pl)
@@ -82,7 +91,38 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the ONNX exporter's per-node provenance (module path, FX node): a larger file",
     )
     ex.add_argument("--output", help="file to write (default: <out_dir>/model.<format>)")
+    from tdcompress.data.download import SOURCES
+
+    dl = sub.add_parser(
+        "download",
+        help="download a dataset from its official mirrors (MD5-checked, written atomically)",
+    )
+    dl.add_argument("name", choices=sorted(SOURCES), help="the dataset")
+    dl.add_argument(
+        "--data-root",
+        help="folder to download into (default: $TDCOMPRESS_DATA_ROOT); pass the same folder "
+        "to the other commands as --data-root",
+    )
+    dl.add_argument("--force", action="store_true", help="download again even if present")
+    dl.add_argument("--base-url", help="download from this URL instead of the official mirrors")
+    dl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return p
+
+
+#: errors a user can cause (files, settings, data, optional packages, a diverged run):
+#: one line and status 2 (tracebacks with --debug); anything else is a bug and raises
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # FileNotFoundError, PermissionError, a failed download, ...
+    ValueError,  # settings, corrupt files (ChecksumError, JSON, YAML through the loaders)
+    ImportError,  # an optional extra that is not installed
+    FloatingPointError,  # a diverged training phase (its message names the learning rate)
+)
+
+
+def _one_line(e: BaseException) -> str:
+    """``e``'s message on one line (a multi-line message joined with "; ")."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,23 +130,42 @@ def main(argv: list[str] | None = None) -> int:
     process group on every rank (an error leaves it to torchrun to stop the others)."""
     from tdcompress.train.distributed import cleanup
 
-    rc = _main(argv)
+    args = _parser().parse_args(argv)
+    try:
+        rc = _main(args)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"tdcompress: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     if rc == 0:
         cleanup()
     return rc
 
 
-def _main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _download(args: argparse.Namespace) -> int:
+    from tdcompress.data.download import download
+    from tdcompress.data.readers import default_root
+
+    root = args.data_root or default_root()
+    if not root:
+        raise ValueError(
+            f"download needs a folder: pass --data-root DIR (or set $TDCOMPRESS_DATA_ROOT), "
+            f"e.g. `tdcompress download {args.name} --data-root data`"
+        )
+    folder = download(args.name, root, base_url=args.base_url, force=args.force)
+    print(f"{args.name}: {folder} (checksums verified); use --data-root {root}")
+    return 0
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.command == "download":
+        return _download(args)
     from tdcompress.config import load_config
     from tdcompress.pipeline import Pipeline
     from tdcompress.train.distributed import is_main
 
-    try:
-        cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, list(args.set))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"tdcompress: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(DEMO_CONFIG if args.command == "demo" else args.config, list(args.set))
     # paths verbatim (as --set values they would be read as YAML: "runs/a #2" -> "runs/a")
     if args.data_root:
         cfg.data.root = args.data_root
@@ -123,17 +182,15 @@ def _main(argv: list[str] | None = None) -> int:
                 args.dynamic_batch,
                 args.debug_metadata,
             )
-        except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as e:
-            print(f"tdcompress: error: {e}", file=sys.stderr)
+        except (TypeError, RuntimeError) as e:  # (the exported file failing its check)
+            if args.debug:
+                raise
+            print(f"tdcompress: error: {_one_line(e)}", file=sys.stderr)
             return 2
         print(res.summary())
         return 0
     if getattr(args, "reuse_from", None):
-        try:
-            taken = pipe.reuse_stages(args.reuse_from)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"tdcompress: error: {e}", file=sys.stderr)
-            return 2
+        taken = pipe.reuse_stages(args.reuse_from)
         what = ", ".join(taken) or (
             "nothing new (no finished stage with these settings there, or taken already)"
         )

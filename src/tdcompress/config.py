@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -199,13 +200,38 @@ def _number(v: Any, path: str) -> float:
     raise ValueError(f"config {path} must be a number, got {v!r}")
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what is wrong and where (line and column, 1-based)."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON in ``path``; an unreadable file raises ValueError naming it and ``what`` it
+    is (e.g. "this run's stage record")."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: not valid JSON ({e}), so {what} cannot be read; the file is corrupt: "
+            "restore it or start a fresh run folder"
+        ) from None
+
+
 def apply_overrides(d: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
     for s in sets:
         if "=" not in s:
             raise ValueError(f"--set expects key=value, got {s!r}")
         key, raw = s.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"--set {s}: the value is not valid YAML ({yaml_problem(e)}); quote it"
+            ) from None
         node = d
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -223,8 +249,16 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
+            raise FileNotFoundError(
+                f"config file {p} does not exist; give the path of an experiment YAML "
+                "(examples: configs/ in the repository)"
+            )
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"config file {p} is not valid YAML: {yaml_problem(e)}; fix the file"
+            ) from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {p} must hold a mapping at the top level")
     d = apply_overrides(d, list(sets or []))

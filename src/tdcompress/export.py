@@ -162,7 +162,11 @@ def export_model(
                 torch.export.save(program, tmp)
             else:
                 # one self-contained file unless the weights exceed protobuf's 2 GB limit
-                big = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                big = sum(  # (the factorized layers' records in the state dict are dicts)
+                    t.numel() * t.element_size()
+                    for t in model.state_dict().values()
+                    if isinstance(t, torch.Tensor)
+                )
                 extra = {} if dynamic_shapes is None else {"dynamic_shapes": dynamic_shapes}
                 torch.onnx.export(
                     model,

@@ -22,8 +22,16 @@ import torch
 from torch import nn
 
 from tdcompress.admm import ADMM, ADMMSchedule
-from tdcompress.config import OPTIMIZERS, SCHEDULES, Config, OptimConfig, PhaseConfig
+from tdcompress.config import (
+    OPTIMIZERS,
+    SCHEDULES,
+    Config,
+    OptimConfig,
+    PhaseConfig,
+    read_json,
+)
 from tdcompress.planning import CompressionPlan, plan
+from tdcompress.serialization import load_compressed, load_model_state, save_compressed
 from tdcompress.surgery import decompose
 from tdcompress.train.checkpoint import (
     atomic_write_text,
@@ -218,7 +226,7 @@ class Pipeline:
     def _config_of(self, run_dir: Path) -> dict[str, Any]:
         """The flattened config a run folder was written with. A key missing from an older
         config.json did not exist then, and that run ran as its default does now."""
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = read_json(run_dir / "config.json", "the settings of that run")
         return _flatten(_merged(type(self.cfg)().to_dict(), saved))
 
     def reuse_stages(self, src: str | Path) -> list[str]:
@@ -247,7 +255,8 @@ class Pipeline:
                 "before: stages are reused into a fresh run folder (to resume this one, "
                 "drop --reuse-from)"
             )
-        old, done = self._config_of(src_dir), json.loads((src_dir / "state.json").read_text())
+        old = self._config_of(src_dir)
+        done = read_json(src_dir / "state.json", "its finished stages")
         done = done["done"]
         taken: list[str] = []
         guarded: list[str] = []
@@ -295,7 +304,7 @@ class Pipeline:
 
     def state(self) -> dict[str, Any]:
         if self._state_path.exists():
-            return json.loads(self._state_path.read_text())
+            return read_json(self._state_path, "this run's finished stages")
         return {"done": {}}
 
     def _mark_done(self, stage: str, result: dict[str, Any]) -> None:
@@ -359,10 +368,21 @@ class Pipeline:
     def load_plan(self) -> CompressionPlan:
         return CompressionPlan.load(self.out / "plan.yaml")
 
-    def compressed_model(self) -> nn.Module:
-        """The factorized architecture (weights to be loaded from a checkpoint)."""
-        model, _ = decompose(self.dense_model(), self.load_plan())
+    def compressed_model(self, checkpoint: str = "finetuned.pt") -> nn.Module:
+        """The run's factorized model holding the weights of ``out_dir/checkpoint``
+        (``decomposed.pt`` or ``finetuned.pt``), rebuilt by
+        :func:`tdcompress.load_compressed` from the dense architecture, nothing decomposed;
+        a file written before the layers kept their records loads with ``plan.yaml``."""
+        model = load_compressed(
+            self.out / checkpoint,
+            self.dense_model(),
+            plan=self.load_plan(),
+            map_location=self.device,
+        )
         return self._prepare(model)
+
+    def _save_compressed(self, model: nn.Module, checkpoint: str) -> None:
+        save_compressed(model, self.out / checkpoint, plan=self.load_plan())
 
     def _dense_from(self, checkpoint: str) -> nn.Module:
         """The dense architecture holding the weights of ``out_dir/checkpoint``."""
@@ -432,7 +452,7 @@ class Pipeline:
         scaler = torch.amp.GradScaler("cuda") if self.cfg.runtime.amp == "fp16" else None
         if ckpt.exists():
             st = load_checkpoint(ckpt, map_location=self.device)
-            model.load_state_dict(st["model"])
+            load_model_state(model, st["model"])  # (records filled in for older runs)
             opt.load_state_dict(st["optimizer"])
             if admm is not None:
                 admm.load_state_dict(st["admm"])
@@ -548,7 +568,14 @@ class Pipeline:
         """``model`` holding the weights of the dense checkpoint ``path`` (a training
         checkpoint or a bare state dict)."""
         st = load_checkpoint(path, map_location=self.device)
-        model.load_state_dict(st.get("model", st))
+        try:
+            model.load_state_dict(st.get("model", st))
+        except RuntimeError as e:  # (another architecture: missing, unexpected or other shapes)
+            raise ValueError(
+                f"runtime.dense_checkpoint {str(path)!r} does not fit model "
+                f"{self.cfg.model.name!r} {self.cfg.model.kwargs or ''}: {e}; point it at "
+                "a checkpoint of this model"
+            ) from None
         return model
 
     def _keep_dense(self, model: nn.Module) -> float:
@@ -608,7 +635,7 @@ class Pipeline:
             new = self._prepare(new)
         ev = evaluate(new, self.data()[1], device=self.device)
         if is_main():
-            save_checkpoint(self.out / "decomposed.pt", {"model": new.state_dict()})
+            self._save_compressed(new, "decomposed.pt")
             print(report, flush=True)
         self._mark_done(
             "decompose",
@@ -634,12 +661,11 @@ class Pipeline:
         return f"random init ({n} factorized layers)"
 
     def stage_finetune(self) -> None:
-        model = self.compressed_model()
-        model.load_state_dict(load_checkpoint(self.out / "decomposed.pt", self.device)["model"])
+        model = self.compressed_model("decomposed.pt")
         self._train_phase("finetune", model, self.cfg.finetune)
         ev = evaluate(model, self.data()[1], device=self.device)
         if is_main():
-            save_checkpoint(self.out / "finetuned.pt", {"model": model.state_dict()})
+            self._save_compressed(model, "finetuned.pt")
         self._mark_done("finetune", {"test_acc": ev["acc"]})
 
     def _deferred_dense_acc(self, path: Path) -> float:
@@ -681,8 +707,7 @@ class Pipeline:
             ),
         }
         if (self.out / "finetuned.pt").exists():
-            model = self.compressed_model()
-            model.load_state_dict(load_checkpoint(self.out / "finetuned.pt", self.device)["model"])
+            model = self.compressed_model("finetuned.pt")
             result["finetuned_acc"] = evaluate(model, self.data()[1], device=self.device)["acc"]
             result["compressed_params"] = _params(model)
         self._mark_done("evaluate", result)
@@ -744,8 +769,11 @@ class Pipeline:
                 f"{str(ckpt)!r} does not exist: run the {stage[weights]} stage of this config "
                 f"first (weights={weights!r})"
             )
-        model = self.dense_model() if weights == "dense" else self.compressed_model()
-        model.load_state_dict(load_checkpoint(ckpt, self.device)["model"])
+        if weights == "dense":
+            model = self.dense_model()
+            model.load_state_dict(load_checkpoint(ckpt, self.device)["model"])
+        else:
+            model = self.compressed_model(ckpt.name)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         x = torch.randn((batch_size, *self.input_shape()[1:]), generator=gen).to(self.device)
         if path is None:

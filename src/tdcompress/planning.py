@@ -247,7 +247,18 @@ class CompressionPlan:
         import yaml
 
         text = Path(path).read_text()
-        return cls.from_dict(yaml.safe_load(text))  # YAML is a superset of JSON
+        try:
+            d = yaml.safe_load(text)  # YAML is a superset of JSON
+        except yaml.YAMLError as e:
+            from tdcompress.config import yaml_problem
+
+            raise ValueError(
+                f"plan file {path} is not valid YAML: {yaml_problem(e)}; restore it or plan "
+                "again (`tdcompress plan CONFIG --force`)"
+            ) from None
+        if not isinstance(d, Mapping) or "layers" not in d:
+            raise ValueError(f"plan file {path} holds no plan (a mapping with 'layers')")
+        return cls.from_dict(d)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise a clear error if ``model`` does not contain every planned weight."""
@@ -398,6 +409,7 @@ def plan(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     input_shape: Sequence[int] | None = None,
     allocation: str = "equal_rank",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> CompressionPlan:
     """Plan the compression of ``model``.
 
@@ -418,6 +430,10 @@ def plan(
     ``"equal_ratio"`` (every layer shrunk by about the same factor in parameters, or in
     MACs for a MAC target; as nearly as whole ranks allow within the 3%: small layers
     have coarse rank steps).
+
+    ``filter_fn(module, name) -> bool`` (as torchao's ``quantize_``), if given, keeps only
+    the layers so selected that it accepts (an LSTM's matrices: the ``nn.LSTM`` and
+    ``"<lstm>.l<k>"``); with ``include=["*"]`` it alone decides.
 
     ``overrides`` maps a layer name to spec fields (``format``, ``ranks``, ``out_factors``,
     ``in_factors``, ``layout``). ``input_shape`` (e.g. ``(1, 3, 32, 32)``) enables MAC counts.
@@ -458,6 +474,12 @@ def plan(
     if isinstance(exclude, str):
         exclude = [exclude]
     chosen = [c for c in chosen if not _match(c[0], exclude)]
+    if filter_fn is not None:
+        if not callable(filter_fn):
+            raise TypeError(
+                f"filter_fn must be a callable (module, name) -> bool, got {filter_fn!r}"
+            )
+        chosen = [c for c in chosen if filter_fn(c[2], c[0])]
     for n in overrides:
         if n not in {c[0] for c in chosen}:
             raise ValueError(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from tdcompress.planning import CompressionPlan, LayerPlan
 
-__all__ = ["decompose", "DecompositionReport"]
+__all__ = ["decompose", "compress_", "densify", "DecompositionReport"]
 
 
 @dataclass
@@ -63,11 +65,19 @@ def decompose(
     instead (e.g. ``admm.Z`` to build from Z). ``init="random"`` builds the factorized
     layers at their random initialisation instead, decomposing nothing (the same
     architecture trained from scratch; no errors are reported). The input model is not
-    modified.
+    modified (:func:`compress_` changes a model in place).
     """
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    _check_args(model, plan, weights, init)
+    new = copy.deepcopy(model)
+    return new, _replace_layers(new, plan, weights, init)
+
+
+def _check_args(
+    model: nn.Module, plan: CompressionPlan, weights: dict[str, torch.Tensor] | None, init: str
+) -> None:
     if init not in ("decompose", "random"):
         raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     plan.check_model(model)
     unknown = sorted(set(weights or {}) - {lp.param for lp in plan})
     if unknown:
@@ -75,8 +85,16 @@ def decompose(
             f"weights has keys {unknown} that are not planned weights; they are "
             f"{[lp.param for lp in plan]} (parameter names, e.g. admm.Z)"
         )
-    new = copy.deepcopy(model)
-    report = DecompositionReport(params_before=sum(p.numel() for p in model.parameters()))
+
+
+def _replace_layers(
+    new: nn.Module,
+    plan: CompressionPlan,
+    weights: dict[str, torch.Tensor] | None,
+    init: str,
+) -> DecompositionReport:
+    """Swap the planned layers of ``new`` (in place) for factorized ones; the report."""
+    report = DecompositionReport(params_before=sum(p.numel() for p in new.parameters()))
     lstm_groups: dict[str, list[LayerPlan]] = {}
     for lp in plan:
         w = (weights or {}).get(lp.param, new.get_parameter(lp.param)).detach()
@@ -107,7 +125,171 @@ def decompose(
         parent, attr = _parent(new, lstm_name)
         setattr(parent, attr, flstm)
     report.params_after = sum(p.numel() for p in new.parameters())
-    return new, report
+    return report
+
+
+@torch.no_grad()
+def compress_(
+    model: nn.Module,
+    plan_or_format: CompressionPlan | str = "tt",
+    *,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    init: str = "decompose",
+    **plan_kwargs: Any,
+) -> DecompositionReport:
+    """Factorize ``model`` in place (as torchao's ``quantize_``): its planned layers are
+    replaced by factorized ones built from their weights (``init="random"``: at random
+    initialisation); returns the :class:`DecompositionReport`.
+
+    ``plan_or_format``: a :class:`CompressionPlan` of this model, or a format name planned
+    here with ``tdcompress.plan(model, format, filter_fn=filter_fn, **plan_kwargs)`` (e.g.
+    ``ranks=8`` or ``target_ratio=4``, ``include``/``exclude`` globs). ``filter_fn(module,
+    name) -> bool`` keeps only the selected layers it accepts. Build the optimizer (and any
+    DDP wrapper) after this call: the replaced layers' parameters are new tensors.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise TypeError(
+            "compress_ changes the model in place: call it on the module before wrapping it "
+            "in DistributedDataParallel (or use tdcompress.decompose on model.module)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(plan_or_format, CompressionPlan):
+        if plan_kwargs or filter_fn is not None:
+            given = sorted(plan_kwargs) + (["filter_fn"] if filter_fn is not None else [])
+            raise ValueError(
+                f"compress_ got a CompressionPlan and the planning arguments {given}: give "
+                "either a plan, or a format name with the arguments of tdcompress.plan"
+            )
+        p = plan_or_format
+    elif isinstance(plan_or_format, str):
+        from tdcompress.planning import plan as make_plan
+
+        p = make_plan(model, plan_or_format, filter_fn=filter_fn, **plan_kwargs)
+    else:
+        raise TypeError(
+            "plan_or_format must be a CompressionPlan or a format name (e.g. 'tt'), got "
+            f"{type(plan_or_format).__name__}"
+        )
+    _check_args(model, p, weights, init)
+    return _replace_layers(model, p, weights, init)
+
+
+@torch.no_grad()
+def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """``model`` with every factorized layer turned back into a plain ``nn.Linear`` /
+    ``nn.Conv2d`` (weight ``to_dense()``, bias, stride, padding and dilation kept) and every
+    ``FactorizedLSTM`` into an ``nn.LSTM``: the same function (up to rounding), for tools
+    that only know PyTorch's layers. A copy unless ``inplace`` (a model that is itself a
+    factorized layer is always returned as a new module)."""
+    from tdcompress.layers._base import FactorizedLayer
+    from tdcompress.layers.lstm import FactorizedLSTM
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (FactorizedLayer, FactorizedLSTM)):
+        return _dense_module(model, "model")
+    out = model if inplace else copy.deepcopy(model)
+    found = [
+        name
+        for name, m in out.named_modules()
+        if isinstance(m, (FactorizedLayer, FactorizedLSTM))
+        and not _inside_lstm(out, name)  # (an LSTM's input layers go with it)
+    ]
+    for name in found:
+        parent, attr = _parent(out, name)
+        setattr(parent, attr, _dense_module(out.get_submodule(name), name))
+    return out
+
+
+def _inside_lstm(model: nn.Module, name: str) -> bool:
+    from tdcompress.layers.lstm import FactorizedLSTM
+
+    parts = name.split(".")
+    return any(
+        isinstance(model.get_submodule(".".join(parts[:k])), FactorizedLSTM)
+        for k in range(1, len(parts))
+    )
+
+
+def _dense_module(m: nn.Module, name: str) -> nn.Module:
+    from tdcompress.layers.lstm import FactorizedLSTM
+
+    out = _dense_lstm(m, name) if isinstance(m, FactorizedLSTM) else _dense_layer(m)
+    out.train(m.training)
+    return out
+
+
+def _dense_layer(layer: nn.Module) -> nn.Module:
+    from torch.nn.utils import skip_init
+
+    g = layer.geometry
+    w = layer.to_dense().detach()
+    kw: dict[str, Any] = {"device": w.device, "dtype": w.dtype, "bias": g.bias}
+    if g.kind == "linear":
+        dense = skip_init(nn.Linear, g.in_features, g.out_features, **kw)
+    else:
+        dense = skip_init(
+            nn.Conv2d,
+            g.in_features,
+            g.out_features,
+            g.kernel_size,
+            stride=g.stride,
+            padding=g.padding,
+            dilation=g.dilation,
+            groups=g.groups,
+            **kw,
+        )
+    dense.weight.copy_(w)
+    if g.bias:
+        dense.bias.copy_(layer.bias)
+    return dense
+
+
+def _dense_lstm(f: nn.Module, name: str) -> nn.LSTM:
+    from tdcompress.layers._base import FactorizedLayer
+
+    ref = f.weight_hh_l0
+    in_bias = [getattr(m, "bias", None) for m in f.input_layers]
+    # an input layer's own bias adds to bias_ih: an LSTM without biases then gets zero ones
+    biased = f.bias or any(isinstance(b, torch.Tensor) for b in in_bias)
+    with torch.device("meta"):  # (uninitialised: every weight is copied below)
+        lstm = nn.LSTM(
+            f.input_size,
+            f.hidden_size,
+            f.num_layers,
+            bias=biased,
+            batch_first=f.batch_first,
+            dropout=f.dropout,
+            dtype=ref.dtype,
+        )
+    lstm = lstm.to_empty(device=ref.device)
+    for k, m in enumerate(f.input_layers):
+        if isinstance(m, FactorizedLayer):
+            w = m.to_dense()
+        elif type(m) is nn.Linear:
+            w = m.weight
+        else:
+            raise TypeError(
+                f"{name}.input_layers.{k} is a {type(m).__name__}; densify turns factorized "
+                "layers and nn.Linear input layers into an nn.LSTM, not other modules"
+            )
+        getattr(lstm, f"weight_ih_l{k}").copy_(w)
+        getattr(lstm, f"weight_hh_l{k}").copy_(getattr(f, f"weight_hh_l{k}"))
+        if biased:
+            b_ih, b_hh = getattr(f, f"bias_ih_l{k}"), getattr(f, f"bias_hh_l{k}")
+            b_ih = torch.zeros_like(ref[:, 0]) if b_ih is None else b_ih
+            if isinstance(in_bias[k], torch.Tensor):
+                b_ih = b_ih + in_bias[k]
+            getattr(lstm, f"bias_ih_l{k}").copy_(b_ih)
+            if b_hh is None:
+                getattr(lstm, f"bias_hh_l{k}").zero_()
+            else:
+                getattr(lstm, f"bias_hh_l{k}").copy_(b_hh)
+    return lstm
 
 
 def _rel_err(w: torch.Tensor, approx: torch.Tensor) -> float:

@@ -275,5 +275,7 @@ def _get(
         raise bad[-1]
     raise OSError(
         f"{dest}: could not download {name} of dataset {dataset!r} from "
-        f"{[b + name for b in urls]}: {'; '.join(str(e) for e in errors)}"
+        f"{[b + name for b in urls]}: {'; '.join(str(e) for e in errors)}; check the "
+        f"connection, or put the official files into {dest.parent} (or pass base_url / "
+        "--base-url: a mirror holding them)"
     )

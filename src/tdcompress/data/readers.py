@@ -257,13 +257,31 @@ def load_dataset(
     if root is None or str(root) == "":
         raise ValueError(
             f"dataset {name!r} needs a data root (data.root, --data-root or "
-            f"$TDCOMPRESS_DATA_ROOT), got root={root!r}"
+            f"$TDCOMPRESS_DATA_ROOT), got root={root!r}; get the data with "
+            f"`{download_command(name, 'DIR')}` and pass --data-root DIR"
         )
     root = Path(root)
-    if verify:
-        verify_files(name, root, split)
-    if name in ("mnist", "fashion_mnist"):
-        return read_mnist(root / name.replace("_", "-"), split)
-    if name == "cifar10":
-        return read_cifar10(root / "cifar-10-batches-py", split)
-    return read_cifar100(root / "cifar-100-python", split)
+    try:
+        if verify:
+            verify_files(name, root, split)
+        if name in ("mnist", "fashion_mnist"):
+            return read_mnist(root / name.replace("_", "-"), split)
+        if name == "cifar10":
+            return read_cifar10(root / "cifar-10-batches-py", split)
+        return read_cifar100(root / "cifar-100-python", split)
+    except FileNotFoundError as e:
+        raise type(e)(
+            f"{e}; dataset {name!r} is not under data root {str(root)!r}: download it with "
+            f"`{download_command(name, root)}`"
+        ) from None
+    except ValueError as e:  # corrupt, truncated or not the official file (same type kept)
+        raise type(e)(
+            f"{e}; download dataset {name!r} again with `{download_command(name, root)} --force`"
+        ) from None
+
+
+def download_command(name: str, root: str | Path) -> str:
+    """The command that downloads dataset ``name`` into ``root``."""
+    import shlex
+
+    return shlex.join(["tdcompress", "download", name, "--data-root", str(root)])

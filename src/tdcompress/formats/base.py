@@ -108,6 +108,35 @@ class LayerGeometry:
             f"only nn.Linear and nn.Conv2d layers can be factorized, got {type(module).__name__}"
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields (pairs as lists); :meth:`from_dict` reads them back."""
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+        }
+        if self.kind == "conv2d":
+            for nm in ("kernel_size", "stride", "padding", "dilation"):
+                d[nm] = list(getattr(self, nm))
+            d["groups"] = self.groups
+        d["bias"] = self.bias
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerGeometry:
+        """The geometry written by :meth:`to_dict`; unknown keys raise ValueError."""
+        allowed = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - allowed
+        if unknown:
+            raise ValueError(
+                f"unknown LayerGeometry keys {sorted(unknown)}; allowed keys are {sorted(allowed)}"
+            )
+        kw = dict(d)
+        for nm in ("kernel_size", "stride", "padding", "dilation"):
+            if nm in kw and isinstance(kw[nm], list):
+                kw[nm] = tuple(kw[nm])
+        return cls(**kw)
+
     @property
     def weight_shape(self) -> tuple[int, ...]:
         if self.kind == "linear":

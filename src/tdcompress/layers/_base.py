@@ -12,9 +12,12 @@ MACs with the same planner, so ``Format.macs`` is what the single-sample forward
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from string import ascii_letters
 from typing import Any, ClassVar
@@ -43,6 +46,11 @@ __all__ = [
     "DYNAMIC",
     "size_hint",
     "is_channels_last",
+    "EXTRA_STATE_VERSION",
+    "no_init",
+    "init_skipped",
+    "check_record",
+    "structural_spec",
 ]
 
 
@@ -665,11 +673,96 @@ def _structure(geometry: LayerGeometry, spec: FactorSpec) -> RingStructure:
     )
 
 
+#: version of the record a factorized layer keeps in its state dict (``<name>._extra_state``)
+EXTRA_STATE_VERSION = 1
+#: the key of that record that says it is one (its value: the version)
+RECORD_KEY = "tdcompress_layer"
+
+_no_init = threading.local()
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Factorized layers (and :class:`~tdcompress.layers.FactorizedLSTM`) built inside this
+    block skip ``reset_parameters``: their parameters stay uninitialised (``torch.empty``),
+    for a caller that loads every one of them next (:func:`tdcompress.load_compressed`)."""
+    _no_init.depth = getattr(_no_init, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _no_init.depth -= 1
+
+
+def init_skipped() -> bool:
+    """Whether layers built now skip their initialisation (inside :func:`no_init`)."""
+    return getattr(_no_init, "depth", 0) > 0
+
+
+def check_record(state: Any, where: str, keys: Sequence[str]) -> Mapping[str, Any]:
+    """``state`` if it is a layer record of a version this code reads, holding ``keys``;
+    else a ValueError that names ``where``."""
+    if not isinstance(state, Mapping) or RECORD_KEY not in state:
+        raise ValueError(
+            f"{where}: the extra state {state!r} is not a tdcompress layer record "
+            f"(a dict with {RECORD_KEY!r})"
+        )
+    version = state[RECORD_KEY]
+    if not isinstance(version, int) or not 1 <= version <= EXTRA_STATE_VERSION:
+        raise ValueError(
+            f"{where}: layer record version {version!r}; this tdcompress reads versions 1 to "
+            f"{EXTRA_STATE_VERSION} (a newer tdcompress wrote it: upgrade tdcompress)"
+        )
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{where}: the layer record lacks the keys {missing}")
+    return state
+
+
+def structural_spec(spec: FactorSpec) -> FactorSpec:
+    """``spec`` without its options (they steer decompositions, not the layer's shape)."""
+    return dataclasses.replace(spec, options={})
+
+
 class FactorizedLayer(nn.Module):
     """Base of the TT/TR layers: ``from_dense``, ``to_dense``, plan cache, ``extra_repr``.
 
     Subclasses set ``format_name`` and ``kind`` and call :meth:`_setup`.
+
+    The state dict holds, beside the factors and the bias, a record of what the layer is
+    (``<name>._extra_state``: class, format spec and geometry, plain JSON-able data; see
+    :meth:`get_extra_state`), so a saved state dict says what it holds and
+    :func:`tdcompress.load_compressed` rebuilds the layer from it without decomposing.
     """
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The layer's record: ``{"tdcompress_layer": version, "class", "geometry", "spec"}``
+        (lists, ints, strings and bools only: ``torch.load(weights_only=True)`` reads it)."""
+        return {
+            RECORD_KEY: EXTRA_STATE_VERSION,
+            "class": type(self).__name__,
+            "geometry": self.geometry.to_dict(),
+            "spec": self.spec.to_dict(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a loaded record describes this layer (class, geometry, format, tensor
+        shape and ranks); a ValueError says what differs. The spec's options are taken."""
+        name = type(self).__name__
+        rec = check_record(state, name, ("class", "geometry", "spec"))
+        geometry = LayerGeometry.from_dict(dict(rec["geometry"]))
+        spec = FactorSpec.from_dict(dict(rec["spec"]))
+        if (
+            rec["class"] != name
+            or geometry != self.geometry
+            or structural_spec(spec) != structural_spec(self.spec)
+        ):
+            raise ValueError(
+                f"{name}: the state dict holds a {rec['class']} with {spec.to_dict()} and "
+                f"geometry {geometry.to_dict()}, but this layer has {self.spec.to_dict()} and "
+                f"geometry {self.geometry.to_dict()}; build the model from the file "
+                "(tdcompress.load_compressed) or from the plan it was saved with"
+            )
+        self.spec = spec
 
     format_name: ClassVar[str]
     kind: ClassVar[str]
@@ -697,7 +790,8 @@ class FactorizedLayer(nn.Module):
             self.bias = nn.Parameter(torch.empty(geometry.out_features, **kw))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if not init_skipped():
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Random cores whose product has the variance of PyTorch's default dense init,

@@ -20,6 +20,7 @@ from tdcompress.layers._base import (
     FactorizedLayer,
     batch_key,
     cache_plan,
+    init_skipped,
     is_channels_last,
     planned_batch,
 )
@@ -85,7 +86,8 @@ class SmallFactorizedLayer(FactorizedLayer):
             self.bias = nn.Parameter(torch.empty(geometry.out_features, **kw))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if not init_skipped():
+            self.reset_parameters()
 
     def _n_terms(self) -> int:
         """Number of products summed into one weight entry (the bond sizes)."""

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tdcompress.layers._base import EXTRA_STATE_VERSION, RECORD_KEY, check_record, init_skipped
 
 __all__ = ["FactorizedLSTM", "recurrence"]
 
@@ -178,7 +181,10 @@ class FactorizedLSTM(nn.Module):
         for k, m in enumerate(input_layers):
             in_k = input_size if k == 0 else H
             if m is None:
-                m = nn.Linear(in_k, 4 * H, bias=False, **kw)
+                if init_skipped():  # (uninitialised, as the factorized layers then are)
+                    m = nn.utils.skip_init(nn.Linear, in_k, 4 * H, bias=False, **kw)
+                else:
+                    m = nn.Linear(in_k, 4 * H, bias=False, **kw)
                 default.append(True)
             else:
                 if not isinstance(m, nn.Module):
@@ -204,7 +210,8 @@ class FactorizedLSTM(nn.Module):
                 self.register_parameter(f"bias_ih_l{k}", None)
                 self.register_parameter(f"bias_hh_l{k}", None)
         self._default = default
-        self.reset_parameters()
+        if not init_skipped():
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """``nn.LSTM``'s init, uniform in ``+-1/sqrt(hidden_size)``, for the recurrent
@@ -258,6 +265,34 @@ class FactorizedLSTM(nn.Module):
                     out.input_layers[k].weight.copy_(getattr(lstm, f"weight_ih_l{k}"))
         out.train(lstm.training)
         return out
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "bias": self.bias,
+            "batch_first": self.batch_first,
+            "dropout": self.dropout,
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The LSTM's record (constructor arguments; the input layers keep their own)."""
+        return {RECORD_KEY: EXTRA_STATE_VERSION, "class": type(self).__name__, **self._config()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a loaded record describes this LSTM (a ValueError says what differs)."""
+        name = type(self).__name__
+        keys = ("class", *self._config())
+        rec = check_record(state, name, keys)
+        got = {k: rec[k] for k in keys}
+        want = {"class": name, **self._config()}
+        if got != want:
+            diff = [f"{k}={got[k]!r} (this LSTM: {want[k]!r})" for k in keys if got[k] != want[k]]
+            raise ValueError(
+                f"{name}: the state dict holds another LSTM: {', '.join(diff)}; build the model "
+                "from the file (tdcompress.load_compressed)"
+            )
 
     #: ``nn.LSTM`` attributes for code that inspects them (neither option is supported)
     bidirectional = False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,24 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load`` of a checkpoint; a missing file raises FileNotFoundError, an unreadable
+    one (truncated, corrupt) a ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        bad: Exception = e
+    except RuntimeError as e:  # (torch's reader: "PytorchStreamReader failed ...")
+        if "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
+            raise
+        bad = e
+    first = (str(bad).strip().splitlines() or [type(bad).__name__])[0]
+    raise ValueError(
+        f"checkpoint {path} is not a readable PyTorch file ({first}); it is truncated or "
+        "corrupt: delete it and rerun its stage (with --force once that stage is done)"
+    ) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
