@@ -236,8 +236,7 @@ def latency(data_root: str, repeats: int = 15) -> list[dict[str, Any]]:
             m = p.dense_model()
             m.load_state_dict(load_checkpoint(REPO / r["out_dir"] / "dense.pt")["model"])
         else:
-            m = p.compressed_model()
-            m.load_state_dict(load_checkpoint(REPO / r["out_dir"] / "finetuned.pt")["model"])
+            m = p.compressed_model("finetuned.pt")
         models[r["key"]] = m.eval()
     out = []
     gen = torch.Generator().manual_seed(0)

@@ -122,3 +122,23 @@ def test_merge_later_run_replaces_case(bench):
     ucf = merged["cases"][1]
     assert ucf["from_run"] == 1 and ucf["summary"]["speedup_vs_fastest_peer"] == pytest.approx(6)
     assert merged["cases"][0]["summary"]["speedup_vs_fastest_peer"] == pytest.approx(3)
+
+
+def test_gpu_check_exits_cleanly_without_cuda_and_dry_runs_on_cpu(
+    load_benchmark, tmp_path, capsys
+) -> None:
+    import json
+
+    import torch
+
+    gc = load_benchmark("gpu_check")
+    if not torch.cuda.is_available():
+        assert gc.main(["--out", str(tmp_path / "none.json")]) == 0
+        assert "no CUDA device" in capsys.readouterr().out
+        assert not (tmp_path / "none.json").exists()
+    out = tmp_path / "gpu.json"
+    assert gc.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert all(v["ok"] for v in doc["checks"].values()), doc["checks"]
+    assert set(doc["train_step_ms"]) == {"dense fp32", "tt 6.8x fp32", "dense bf16", "tt 6.8x bf16"}
+    assert doc["export_pt2"]["max_abs_diff"] < 1e-3 and doc["export_onnx"]["max_abs_diff"] < 1e-3
