@@ -685,9 +685,27 @@ _METADATA_READS = frozenset(
 #: tensor properties that only describe a tensor (the others, like ``.T``, compute)
 _METADATA_PROPERTIES = frozenset(
     {
-        "shape", "dtype", "device", "requires_grad", "ndim", "layout", "is_cuda", "is_cpu",
-        "is_meta", "is_sparse", "is_quantized", "is_mkldnn", "is_nested", "is_leaf", "grad",
-        "grad_fn", "names", "itemsize", "nbytes", "is_xpu", "is_mps",
+        "shape",
+        "dtype",
+        "device",
+        "requires_grad",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_cpu",
+        "is_meta",
+        "is_sparse",
+        "is_quantized",
+        "is_mkldnn",
+        "is_nested",
+        "is_leaf",
+        "grad",
+        "grad_fn",
+        "names",
+        "itemsize",
+        "nbytes",
+        "is_xpu",
+        "is_mps",
     }
 )
 _IN_PLACE_DUNDERS = frozenset(
