@@ -25,15 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tdcompress.data.speech import SPEAKERS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import interleaved_latency, run_queue  # noqa: E402
 from tdcompress.report import command_block, pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
 from tdcompress.train.loop import read_metrics
@@ -65,11 +66,14 @@ LSTM_DENSE = 4 * 128 * (1024 + 128) + 2 * 4 * 128  # input and recurrent matrice
 
 def runs() -> list[dict[str, Any]]:
     """Every run: id, config key, fold ("official" or "speaker-<name>"), seed, out_dir."""
-    out = []
-    for seed in SEEDS:
-        out += [dict(key=k, fold="official", seed=seed) for k in OFFICIAL_KEYS]
+    # in the order they run: seed 0 of the official split, the speaker folds (the protocol
+    # that tells methods apart), then the other seeds; dense runs first within each
+    out = [dict(key=k, fold="official", seed=0) for k in OFFICIAL_KEYS]
+    out += [dict(key="dense", fold=f"speaker-{sp}", seed=0) for sp in SPEAKERS]
     for sp in SPEAKERS:
-        out += [dict(key=k, fold=f"speaker-{sp}", seed=0) for k in SPEAKER_KEYS]
+        out += [dict(key=k, fold=f"speaker-{sp}", seed=0) for k in SPEAKER_KEYS[1:]]
+    for seed in SEEDS[1:]:
+        out += [dict(key=k, fold="official", seed=seed) for k in OFFICIAL_KEYS]
     for r in out:
         r["id"] = f"{r['fold']}/s{r['seed']}/{r['key']}"
         r["out_dir"] = f"runs/fsdd/{r['id']}"
@@ -99,34 +103,17 @@ def finished(r: dict[str, Any]) -> bool:
 
 def run_all(data_root: str, jobs: int) -> None:
     """Run every unfinished run, dense runs before the runs that start from them."""
-    pending = [r for r in runs() if not finished(r)]
-    logs = REPO / "runs" / "fsdd" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    active: list[tuple[dict[str, Any], subprocess.Popen]] = []
-    failed: list[str] = []
-    while pending or active:
-        for r, p in list(active):
-            if p.poll() is not None:
-                active.remove((r, p))
-                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode})"
-                if p.returncode:
-                    failed.append(r["id"])
-                print(f"[fsdd] {r['id']}: {status}", flush=True)
-        dense_done = {r["out_dir"] for r in runs() if r["key"] == "dense" and finished(r)}
-        ready = [r for r in pending if r["key"] == "dense" or r["dense_dir"] in dense_done]
-        while ready and len(active) < jobs:
-            r = ready.pop(0)
-            pending.remove(r)
-            cmd = [sys.executable, "-m", "tdcompress", *command(r, data_root)[1:]]
-            cmd += ["--set", "runtime.progress=false", "--set", "runtime.threads=1"]
-            log = open(logs / (r["id"].replace("/", "_") + ".log"), "a")
-            print(f"[fsdd] start {r['id']}", flush=True)
-            active.append((r, subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)))
-        if pending and not ready and not active:
-            raise RuntimeError(f"fsdd: runs waiting on failed dense runs: {failed}")
-        time.sleep(2)
-    if failed:
-        raise RuntimeError(f"fsdd: failed runs (see runs/fsdd/logs): {failed}")
+    by_dir = {r["out_dir"]: r for r in runs()}
+    run_queue(
+        runs(),
+        lambda r: command(r, data_root)[1:],
+        lambda r: r["key"] == "dense" or finished(by_dir[r["dense_dir"]]),
+        finished,
+        cwd=REPO,
+        log_dir=REPO / "runs" / "fsdd" / "logs",
+        jobs=jobs,
+        tag="fsdd",
+    )
 
 
 def collect_run(r: dict[str, Any]) -> dict[str, Any] | None:
@@ -222,7 +209,7 @@ def latency(data_root: str, repeats: int = 15) -> list[dict[str, Any]]:
     from tdcompress.pipeline import Pipeline
     from tdcompress.train.checkpoint import load_checkpoint
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # (the models, dense and compressed, timed in turn)
     models = {}
     for r in runs():
         if r["fold"] != "official" or r["seed"] != 0 or not finished(r):
@@ -238,36 +225,16 @@ def latency(data_root: str, repeats: int = 15) -> list[dict[str, Any]]:
         else:
             m = p.compressed_model("finetuned.pt")
         models[r["key"]] = m.eval()
-    out = []
     gen = torch.Generator().manual_seed(0)
+    inputs = {}
     for batch in (1, 32):
         x = torch.randn(batch, 16, 1025, generator=gen)
         x[..., -1] = 1.0  # every step valid: the full 16-step sequence
-        times: dict[str, list[float]] = {k: [] for k in models}
-        inner = 20 if batch == 1 else 3
-        with torch.inference_mode():
-            for m in models.values():
-                for _ in range(3):
-                    m(x)
-            for _ in range(repeats):
-                for k, m in models.items():
-                    t0 = time.perf_counter()
-                    for _ in range(inner):
-                        m(x)
-                    times[k].append((time.perf_counter() - t0) / inner)
-        dense = statistics.median(times["dense"]) if "dense" in times else None
-        for k, ts in times.items():
-            med = statistics.median(ts)
-            out.append(
-                {
-                    "key": k,
-                    "batch": batch,
-                    "ms_per_batch": 1e3 * med,
-                    "us_per_sequence": 1e6 * med / batch,
-                    "speedup_vs_dense": None if dense is None else dense / med,
-                }
-            )
-    return out
+        inputs[batch] = x
+    rows = interleaved_latency(models, inputs, repeats)
+    for r in rows:
+        r["us_per_sequence"] = r.pop("us_per_sample")
+    return rows
 
 
 def _pm(row: dict[str, Any] | None) -> str:

@@ -134,7 +134,7 @@ def base_sets(args: argparse.Namespace) -> list[str]:
     ]
     if args.threads:
         sets.append(f"runtime.threads={args.threads}")
-    if args.validation:
+    if getattr(args, "validation", 0):  # (rho_sensitivity.py's arguments have none)
         sets.append(f"data.validation={args.validation}")
     if args.quick:
         sets += QUICK_SETS
@@ -372,7 +372,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "config": str(args.config),
             "shared_sets": common,
-            "validation": args.validation,
+            "validation": getattr(args, "validation", 0),
             "ratios": args.ratios,
             "middle_ratio": middle_ratio(args.ratios),
             "total_wall_seconds": sum(r["wall_seconds"] for r in results),

@@ -90,15 +90,15 @@ def test_a_mismatching_export_is_not_kept(tmp_path, monkeypatch, factorized_net)
     path = tmp_path / "m.pt2"
     path.write_bytes(b"an older export")
 
-    def wrong(p, fmt, inputs):
-        return [_eager(model, x) + 0.01 for x in inputs], "a broken runtime"
+    def wrong(p, fmt, runs, names):
+        return [[_eager(model, *xs) + 0.01] for xs in runs], "a broken runtime"
 
     monkeypatch.setattr(export_mod, "_run_exported", wrong)
     with pytest.raises(RuntimeError, match=r"differs from the model by up to 0\.01.*broken"):
         export_model(model, x, path)
     assert path.read_bytes() == b"an older export"  # left as it was
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
-    monkeypatch.setattr(export_mod, "_run_exported", lambda p, f, i: ([torch.zeros(3)], "x"))
+    monkeypatch.setattr(export_mod, "_run_exported", lambda p, f, r, n: ([[torch.zeros(3)]], "x"))
     with pytest.raises(RuntimeError, match=r"output of shape \(3,\), the model \(1, 10\)"):
         export_model(model, x, path)
     res = export_model(model, x, path, check=False)  # unchecked: written, and says so
@@ -218,7 +218,11 @@ def test_dynamic_batch_needs_a_batch_dimension(tmp_path, factorized_net):
             ValueError,
             r"format must be one of \['onnx', 'pt2'\], got 'tflite'",
         ),
-        ({"example_input": [1.0]}, TypeError, r"example_input must be a torch\.Tensor, got list"),
+        (
+            {"example_input": [1.0]},
+            TypeError,
+            r"example_input must be a torch\.Tensor or a tuple of positional inputs, got list",
+        ),
         (
             {"path": "m.onnx", "format": "pt2"},
             ValueError,

@@ -342,3 +342,28 @@ def test_mlp_refuses_bad_arguments(kwargs, msg):
         2,
         3,
     )
+
+
+def test_row_transformer_tokens_are_rows_and_full_rank_tt_is_exact() -> None:
+    import tdcompress as tdc
+    from tdcompress.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("row_transformer", dropout=0.0).double().eval()
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    y = m(x)
+    # oracle: the same computation written out with the rows as tokens
+    t = m.embed(x[:, 0]) + m.pos
+    ref = m.head(m.norm(m.encoder(t).mean(1)))
+    torch.testing.assert_close(y, ref)
+    # the feed-forward matrices at full TT rank: the same function
+    p = tdc.plan(
+        m, "tt", ranks=64, include=["encoder.layers.*.linear*"], input_shape=(1, 1, 28, 28)
+    )
+    assert [lp.name for lp in p.layers] == [
+        f"encoder.layers.{k}.linear{j}" for k in (0, 1) for j in (1, 2)
+    ]
+    c, _ = tdc.decompose(m, p)
+    torch.testing.assert_close(c.double().eval()(x), y)
+    with pytest.raises(ValueError, match="must be"):
+        m(torch.randn(2, 1, 27, 28, dtype=torch.float64))

@@ -154,9 +154,18 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def test_two_process_gloo_run(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "ddp")
+    # with runtime.keep_dir (rank 0 mirrors the run folder; no collective of its own)
+    kept = tmp_path / "kept"
+    cfg = write_cfg(tmp_path / "c.yaml", tmp_path / "ddp", runtime={"keep_dir": str(kept)})
     p = torchrun("-m", "tdcompress", "pipeline", str(cfg))
     assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(f.name for f in kept.iterdir()) == [
+        "config.json",
+        "finetuned.pt",
+        "metrics.jsonl",
+        "plan.yaml",
+        "state.json",
+    ]
     done = json.loads((tmp_path / "ddp" / "state.json").read_text())["done"]
     # each rank trained on half of every epoch (batch 32 per rank): above chance (0.25),
     # with evaluation all-reduced over both ranks' shares of the test set

@@ -143,7 +143,7 @@ class ADMM:
             lp = self.plan[k]
             if i % world == rank:
                 # contiguous: collectives send raw memory
-                out[k] = lp.format.project(x[k], lp.spec).to(x[k].dtype).contiguous()
+                out[k] = lp.project(x[k]).to(x[k].dtype).contiguous()
             else:
                 out[k] = torch.empty_like(x[k])
         if distributed:
@@ -206,9 +206,7 @@ class ADMM:
             num, den = num + pn**2, den + wn**2
             if decomposition_error:
                 lp = self.plan[k]
-                e = float(
-                    torch.linalg.vector_norm(w.detach() - lp.format.project(w.detach(), lp.spec))
-                )
+                e = float(torch.linalg.vector_norm(w.detach() - lp.project(w.detach())))
                 out[f"decomp/{k}"] = e / max(wn, 1e-30)
                 dnum += e**2
         out["primal"] = math.sqrt(num / max(den, 1e-30))

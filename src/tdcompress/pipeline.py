@@ -313,12 +313,13 @@ class Pipeline:
             st["done"][stage] = result
             atomic_write_text(self._state_path, json.dumps(st, indent=2))
             self._mirror()
+        barrier()
 
     def _mirror(self) -> None:
-        """Bring ``runtime.keep_dir`` (if set) up to date with the run folder (rank 0)."""
+        """Bring ``runtime.keep_dir`` (if set) up to date with the run folder (rank 0
+        only: no collective here)."""
         if self.keep is not None:
             mirror_run_folder(self.out, self.keep, self.state()["done"])
-        barrier()
 
     def done(self, stage: str) -> bool:
         return stage in self.state()["done"]
@@ -869,7 +870,7 @@ def _params(model: nn.Module) -> int:
 def _model_defaults(name: str, info: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Fill ``num_classes`` / input sizes from the dataset unless the config sets them."""
     out = dict(kwargs)
-    if name in ("lenet5",):
+    if name in ("lenet5", "row_transformer"):
         out.setdefault("num_classes", info["num_classes"])
         out.setdefault("in_channels", info["input_shape"][0])
         out.setdefault("image_size", info["input_shape"][1])

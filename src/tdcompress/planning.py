@@ -35,7 +35,9 @@ class LayerPlan:
     input-to-hidden matrix). ``input_hw`` (convs) and ``steps`` (how often the layer's
     product runs per sample: LSTM time steps, Linear positions, and the calls of a module
     that runs more than once) are recorded from an example forward pass and only used for
-    MAC counts.
+    MAC counts. ``transposed``: the parameter holds the weight as ``(in_features,
+    out_features)`` (Hugging Face's ``Conv1D`` in GPT-2); ADMM and surgery read it through
+    :meth:`dense_view`.
     """
 
     name: str
@@ -44,6 +46,24 @@ class LayerPlan:
     spec: FactorSpec
     input_hw: tuple[int, int] | None = None
     steps: int = 1
+    transposed: bool = False
+
+    def dense_view(self, w: torch.Tensor) -> torch.Tensor:
+        """The parameter ``w`` in the dense layer's weight layout (a view)."""
+        return w.mT if self.transposed else w
+
+    def param_view(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight in the dense layout back in the parameter's layout (a view)."""
+        return w.mT if self.transposed else w
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        shape = self.geometry.weight_shape
+        return shape[::-1] if self.transposed else shape
+
+    def project(self, w: torch.Tensor) -> torch.Tensor:
+        """The format's projection of the parameter ``w``, in the parameter's layout."""
+        return self.param_view(self.format.project(self.dense_view(w), self.spec))
 
     @property
     def format(self):
@@ -86,6 +106,8 @@ class LayerPlan:
             d["input_hw"] = list(self.input_hw)
         if self.steps != 1:
             d["steps"] = self.steps
+        if self.transposed:
+            d["transposed"] = True
         return d
 
     @classmethod
@@ -102,6 +124,7 @@ class LayerPlan:
             geometry=LayerGeometry(**geo),
             input_hw=tuple(hw) if hw is not None else None,
             steps=int(d.pop("steps", 1)),
+            transposed=bool(d.pop("transposed", False)),
             spec=FactorSpec.from_dict(d),
         )
 
@@ -114,6 +137,8 @@ class CompressionPlan:
     model_params: int
     model_macs: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: weights that no format can take here, by name, with the reason (not compressed)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- totals
     def __iter__(self):
@@ -162,6 +187,7 @@ class CompressionPlan:
             return "-" if v is None else f"{v:,}"
 
         rows = [("layer", "shape", "format", "ranks", "params", "params TD", "MACs", "MACs TD")]
+        over = self.over_dense_macs()
         for lp in self:
             s = lp.spec
             shape = "x".join(map(str, lp.geometry.weight_shape))
@@ -179,7 +205,7 @@ class CompressionPlan:
                     fmt_int(lp.dense_params),
                     fmt_int(lp.params),
                     fmt_int(lp.dense_macs),
-                    fmt_int(lp.macs),
+                    fmt_int(lp.macs) + (" !" if lp.name in over else ""),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -196,7 +222,25 @@ class CompressionPlan:
                 f"MACs: {self.model_macs:,} -> {self.compressed_macs:,} "
                 f"({self.macs_reduction:.2f}x fewer)"
             )
+        if over:
+            lines.append(
+                "! more MACs than the dense layer: "
+                + ", ".join(f"{n} ({x:.1f}x)" for n, x in over.items())
+                + " (plan with max_layer_macs=1.0 to cap every layer at its dense MACs)"
+            )
+        if self.skipped:
+            lines.append("not compressible here (left dense):")
+            lines.extend(f"  {n}: {why}" for n, why in self.skipped.items())
         return "\n".join(lines)
+
+    def over_dense_macs(self) -> dict[str, float]:
+        """Planned layers whose factorized forward needs more MACs than the dense layer
+        (at the traced input): name -> MACs / dense MACs."""
+        return {
+            lp.name: lp.macs / lp.dense_macs
+            for lp in self
+            if lp.macs is not None and lp.dense_macs and lp.macs > lp.dense_macs
+        }
 
     # ---------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
@@ -208,11 +252,13 @@ class CompressionPlan:
             d["model_macs"] = self.model_macs
         if self.meta:
             d["meta"] = self.meta
+        if self.skipped:
+            d["skipped"] = dict(self.skipped)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CompressionPlan:
-        allowed = {"model_params", "model_macs", "layers", "meta"}
+        allowed = {"model_params", "model_macs", "layers", "meta", "skipped"}
         unknown = set(d) - allowed
         if unknown:
             raise ValueError(
@@ -223,6 +269,7 @@ class CompressionPlan:
             model_params=int(d["model_params"]),
             model_macs=d.get("model_macs"),
             meta=dict(d.get("meta") or {}),
+            skipped=dict(d.get("skipped") or {}),
         )
 
     def save(self, path: str | Path) -> None:
@@ -271,10 +318,9 @@ class CompressionPlan:
             )
         for lp in self:
             got = tuple(params[lp.param].shape)
-            if got != lp.geometry.weight_shape:
+            if got != lp.param_shape:
                 raise ValueError(
-                    f"{lp.param}: weight shape {got} differs from the planned "
-                    f"{lp.geometry.weight_shape}"
+                    f"{lp.param}: weight shape {got} differs from the planned {lp.param_shape}"
                 )
             # a layer built from the plan must compute what the module does: same stride,
             # padding, dilation, groups and bias, not only the same weight shape
@@ -294,32 +340,111 @@ class CompressionPlan:
 
 
 # -------------------------------------------------------------------- planning
-def _candidates(model: nn.Module, lstm: bool) -> list[tuple[str, str, nn.Module, LayerGeometry]]:
-    """(name, param, module, geometry) for every layer a format can take, in module order."""
+def _is_conv1d(mod: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): a Linear whose weight is stored ``(in, out)``."""
+    w = getattr(mod, "weight", None)
+    nf, nx = getattr(mod, "nf", None), getattr(mod, "nx", None)
+    return (
+        type(mod).__name__ == "Conv1D"
+        and isinstance(nf, int)
+        and isinstance(nx, int)
+        and isinstance(w, nn.Parameter)
+        and tuple(w.shape) == (nx, nf)
+    )
+
+
+def _linear_like(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or _is_conv1d(mod)
+
+
+#: why nn.MultiheadAttention's projections stay dense
+_MHA_IN_PROJ = (
+    "the packed q/k/v projection of nn.MultiheadAttention: a bare parameter, no layer to swap"
+)
+_MHA_OUT_PROJ = (
+    "nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a "
+    "factorized one would be rebuilt dense on every call"
+)
+
+
+def _candidates(
+    model: nn.Module, lstm: bool
+) -> tuple[list[tuple[str, str, nn.Module, LayerGeometry]], dict[str, str], list[str]]:
+    """(name, param, module, geometry) for every layer a format can take, in module order
+    (subclasses of nn.Linear/nn.Conv2d included); the weights that cannot be taken, with
+    the reason; and the names of all Linear-like layers (taken or not), in module order."""
     out = []
+    skipped: dict[str, str] = {}
+    linears: list[str] = []
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    mha_out = set()
     for name, mod in model.named_modules():
-        if type(mod) in (nn.Linear, nn.Conv2d):
-            out.append((name, f"{name}.weight", mod, LayerGeometry.from_module(mod)))
+        if isinstance(mod, nn.MultiheadAttention):
+            prefix = f"{name}." if name else ""
+            packed = [
+                n
+                for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if getattr(mod, n, None) is not None
+            ]
+            for n in packed:
+                skipped[prefix + n] = _MHA_IN_PROJ
+            mha_out.add(prefix + "out_proj")
+    for name, mod in model.named_modules():
+        if _linear_like(mod) or isinstance(mod, nn.Conv2d):
+            if _linear_like(mod):
+                linears.append(name)
+            w = mod.weight
+            own = f"{name}.weight" if name else "weight"
+            shared = [n for n in owners.get(id(w), []) if n != own]
+            if name in mha_out:
+                skipped[name] = _MHA_OUT_PROJ
+            elif isinstance(w, nn.parameter.UninitializedParameter):
+                skipped[name] = "a lazy layer not yet initialised: run the model once first"
+            elif shared:
+                skipped[name] = (
+                    f"its weight is shared with {', '.join(shared)} (tied weights): "
+                    "factorizing one user would untie them"
+                )
+            elif isinstance(mod, nn.Conv2d) and mod.groups != 1:
+                skipped[name] = (
+                    f"grouped convolution (groups={mod.groups}): the formats factor a full "
+                    "kernel (groups=1)"
+                )
+            elif _is_conv1d(mod):
+                geo = LayerGeometry.linear(mod.nx, mod.nf, bias=mod.bias is not None)
+                out.append((name, f"{name}.weight", mod, geo))
+            else:
+                try:
+                    geo = LayerGeometry.from_module(mod)
+                except ValueError as e:  # string padding, other padding modes
+                    skipped[name] = str(e)
+                    continue
+                out.append((name, f"{name}.weight", mod, geo))
         elif lstm and type(mod) is nn.LSTM:
             if mod.proj_size or mod.bidirectional:
+                what = "proj_size" if mod.proj_size else "bidirectional"
+                skipped[name] = f"an nn.LSTM with {what}: FactorizedLSTM does not support it"
                 continue
             for k in range(mod.num_layers):
                 w = getattr(mod, f"weight_ih_l{k}")
                 geo = LayerGeometry.linear(w.shape[1], w.shape[0], bias=False)
                 out.append((f"{name}.l{k}", f"{name}.weight_ih_l{k}", mod, geo))
-    return out
+    return out, skipped, linears
 
 
-def _default_selection(cands: list) -> list:
+def _default_selection(cands: list, linears: Sequence[str] = ()) -> list:
     """The paper's default: convs larger than 1x1 and Linears, minus the first conv and the
-    last Linear (the classifier); LSTM input matrices are kept when asked for."""
-    convs = [c for c in cands if c[3].kind == "conv2d" and type(c[2]) is nn.Conv2d]
-    lins = [c for c in cands if type(c[2]) is nn.Linear]
+    last Linear (the classifier, even when it is not compressible, e.g. tied to an
+    embedding); LSTM input matrices are kept when asked for."""
+    convs = [c for c in cands if c[3].kind == "conv2d" and isinstance(c[2], nn.Conv2d)]
+    lins = [c[0] for c in cands if _linear_like(c[2])]
     drop = set()
     if convs:
         drop.add(convs[0][0])
-    if lins:
-        drop.add(lins[-1][0])
+    last = list(linears)[-1:] or lins[-1:]
+    drop.update(last)
     keep = []
     for c in cands:
         if c[0] in drop:
@@ -331,12 +456,49 @@ def _default_selection(cands: list) -> list:
     return keep
 
 
-def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[str, Any]:
-    """Input sizes of every Conv2d (hw, and how often it ran) and LSTM (time steps) and the
-    positions of every Linear from one example forward pass, summed over the calls of a
-    module that runs more than once; and the dense MACs of all Conv2d/Linear/LSTM calls
-    (both directions of a bidirectional LSTM)."""
+def _example(
+    model: nn.Module, input_shape: Sequence[int] | None, example_inputs: Any
+) -> tuple[tuple, dict] | None:
+    """(args, kwargs) of the example forward pass, or None without one."""
+    if example_inputs is not None:
+        if input_shape is not None:
+            raise ValueError(
+                f"give input_shape or example_inputs, not both (got input_shape="
+                f"{tuple(input_shape)!r} and example_inputs of type "
+                f"{type(example_inputs).__name__})"
+            )
+        if isinstance(example_inputs, torch.Tensor):
+            return (example_inputs,), {}
+        if isinstance(example_inputs, tuple):
+            return example_inputs, {}
+        if isinstance(example_inputs, Mapping):
+            return (), dict(example_inputs)
+        raise TypeError(
+            "example_inputs must be a tensor, a tuple of positional inputs or a dict of "
+            f"keyword inputs, got {type(example_inputs).__name__}"
+        )
     if input_shape is None:
+        return None
+    p = next(model.parameters(), None)
+    x = torch.zeros(
+        *input_shape,
+        device=p.device if p is not None else None,
+        dtype=p.dtype if p is not None and p.is_floating_point() else None,
+    )
+    return (x,), {}
+
+
+def _trace_shapes(
+    model: nn.Module, input_shape: Sequence[int] | None, example_inputs: Any = None
+) -> dict[str, Any]:
+    """Input sizes of every Conv2d (hw, and how often it ran) and LSTM (time steps) and the
+    rows of every Linear (all positions of the example; nn.Linear subclasses and Hugging
+    Face's Conv1D too) from one example forward pass, summed over the calls of a module that
+    runs more than once; and the dense MACs of all Conv2d/Linear/LSTM calls (both directions
+    of a bidirectional LSTM) and of nn.MultiheadAttention's projections. Convs count per
+    sample; Linears every row of the example, so give a batch of one."""
+    example = _example(model, input_shape, example_inputs)
+    if example is None:
         return {}
     seen: dict[str, Any] = {}
     macs = [0]
@@ -358,27 +520,32 @@ def _trace_shapes(model: nn.Module, input_shape: Sequence[int] | None) -> dict[s
                     i = mod.input_size if k == 0 else h * dirs
                     macs[0] += dirs * t * 4 * h * (i + h)
                 seen[name] = ("lstm", (prev[1] if prev else 0) + t)
-            elif isinstance(mod, nn.Linear):
-                n = int(math.prod(x.shape[1:-1])) if x.dim() > 2 else 1
-                macs[0] += n * mod.in_features * mod.out_features
+            elif _linear_like(mod):
+                n = int(math.prod(x.shape[:-1])) if x.dim() > 1 else 1
+                macs[0] += n * int(mod.weight.numel())
                 seen[name] = ("linear", (prev[1] if prev else 0) + n)
 
         return f
 
+    def attention(mod: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> None:
+        # the projections run inside F.multi_head_attention_forward, not as module calls
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+        rows = [int(t.numel() // t.shape[-1]) for t in (q, k, v)]
+        e = mod.embed_dim
+        macs[0] += rows[0] * e * e + rows[1] * e * mod.kdim + rows[2] * e * mod.vdim
+        macs[0] += rows[0] * e * e  # out_proj
+
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear, nn.LSTM)):
+        if isinstance(mod, (nn.Conv2d, nn.LSTM)) or _linear_like(mod):
             hooks.append(mod.register_forward_hook(hook(name)))
-    p = next(model.parameters(), None)
-    x = torch.zeros(
-        *input_shape,
-        device=p.device if p is not None else None,
-        dtype=p.dtype if p is not None and p.is_floating_point() else None,
-    )
+        elif isinstance(mod, nn.MultiheadAttention):
+            hooks.append(mod.register_forward_hook(attention, with_kwargs=True))
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(x)
+            model(*example[0], **example[1])
     finally:
         model.train(was_training)
         for h in hooks:
@@ -410,6 +577,8 @@ def plan(
     input_shape: Sequence[int] | None = None,
     allocation: str = "equal_rank",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    example_inputs: Any = None,
+    max_layer_macs: float | None = None,
 ) -> CompressionPlan:
     """Plan the compression of ``model``.
 
@@ -417,7 +586,12 @@ def plan(
     every Linear except the first conv and the last Linear; LSTM input-to-hidden matrices,
     named ``"<lstm>.l<k>"``, if ``lstm=True``); otherwise the Conv2d/Linear (and LSTM) layers
     whose names match a glob in ``include``. ``exclude`` globs remove layers either way.
-    Every ``include`` pattern must match at least one layer.
+    Every ``include`` pattern must match at least one layer. Subclasses of nn.Linear and
+    nn.Conv2d count, and so does Hugging Face's ``Conv1D`` (GPT-2; a Linear stored
+    transposed). Weights that no format can take are left dense and listed with the reason
+    in ``CompressionPlan.skipped`` (and the summary): grouped convolutions, weights tied to
+    another module's, nn.MultiheadAttention's packed input projection (a bare parameter)
+    and its ``out_proj`` (read as a bare weight by the attention, never called).
 
     Ranks: exactly one of ``ranks`` (an int for every bond of every layer, a per-bond list
     for every layer, or a mapping from layer-name glob to either), ``target_ratio``
@@ -436,7 +610,15 @@ def plan(
     ``"<lstm>.l<k>"``); with ``include=["*"]`` it alone decides.
 
     ``overrides`` maps a layer name to spec fields (``format``, ``ranks``, ``out_factors``,
-    ``in_factors``, ``layout``). ``input_shape`` (e.g. ``(1, 3, 32, 32)``) enables MAC counts.
+    ``in_factors``, ``layout``). ``input_shape`` (e.g. ``(1, 3, 32, 32)``; a float tensor of
+    zeros) or ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword
+    inputs, e.g. ``{"input_ids": ids}``; give a batch of one) enables MAC counts: those of
+    one forward pass on that input.
+
+    ``max_layer_macs``: a ceiling on each planned layer's MACs, as a multiple of its dense
+    layer's (1.0: no layer may cost more than the dense one; at small batches a TT layer at
+    a high rank can cost several times as much). A layer above it gets the largest cap on
+    its ranks that meets it (recorded in ``meta["macs_capped"]``); needs MAC counts.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -455,11 +637,22 @@ def plan(
             f"(got ranks={ranks!r}, target_ratio={target_ratio!r}, "
             f"target_macs_reduction={target_macs_reduction!r})"
         )
+    if max_layer_macs is not None and not (
+        isinstance(max_layer_macs, (int, float))
+        and math.isfinite(max_layer_macs)
+        and max_layer_macs > 0
+    ):
+        raise ValueError(
+            f"max_layer_macs must be a finite number > 0 (a multiple of each layer's dense "
+            f"MACs, e.g. 1.0), got {max_layer_macs!r}"
+        )
     overrides = dict(overrides or {})
-    cands = _candidates(model, lstm or bool(include and any(".l" in p for p in include)))
+    cands, skipped, linears = _candidates(
+        model, lstm or bool(include and any(".l" in p for p in include))
+    )
     names = [c[0] for c in cands]
     if include is None:
-        chosen = _default_selection(cands)
+        chosen = _default_selection(cands, linears)
         if not lstm:
             chosen = [c for c in chosen if type(c[2]) is not nn.LSTM]
     else:
@@ -467,6 +660,12 @@ def plan(
             include = [include]
         for p in include:
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                hit = {n: why for n, why in skipped.items() if fnmatch.fnmatchcase(n, p)}
+                if hit:
+                    raise ValueError(
+                        f"include pattern {p!r} matches only weights that cannot be "
+                        "compressed: " + "; ".join(f"{n}: {why}" for n, why in hit.items())
+                    )
                 raise ValueError(
                     f"include pattern {p!r} matches no Conv2d/Linear/LSTM layer; layers are {names}"
                 )
@@ -487,16 +686,18 @@ def plan(
                 f"planned: {[c[0] for c in chosen]}"
             )
     if not chosen:
-        raise ValueError(f"no layer selected for compression; layers are {names}")
+        why = "".join(f"; {n} is not compressible: {r}" for n, r in skipped.items())
+        raise ValueError(f"no layer selected for compression; layers are {names}{why}")
     if any(c[0] == "" or c[0].startswith(".") for c in chosen):
         raise ValueError(
             f"the model is itself a {type(model).__name__}: layers are replaced inside a "
             "parent module, so wrap it (e.g. nn.Sequential(model)) and plan that"
         )
 
-    shapes = _trace_shapes(model, input_shape)
+    shapes = _trace_shapes(model, input_shape, example_inputs)
     model_params = sum(p.numel() for p in model.parameters())
     model_macs = shapes.get("__macs__")
+    capped: dict[str, list[int]] = {}
 
     def make(rank_for: Callable[[str], Any]) -> CompressionPlan:
         layers = []
@@ -520,8 +721,20 @@ def plan(
                 hw, steps = info[1], info[3]
             elif info and info[0] in ("lstm", "linear"):
                 steps = info[1]
-            layers.append(LayerPlan(name, param, geo, spec, hw, steps))
-        return CompressionPlan(layers, model_params, model_macs)
+            lp = LayerPlan(name, param, geo, spec, hw, steps, transposed=_is_conv1d(mod))
+            if max_layer_macs is not None:
+                lp = _cap_macs(lp, float(max_layer_macs), capped)
+            layers.append(lp)
+        return CompressionPlan(layers, model_params, model_macs, skipped=dict(skipped))
+
+    def finish(p: CompressionPlan) -> CompressionPlan:
+        if max_layer_macs is not None:
+            p.meta["max_layer_macs"] = float(max_layer_macs)
+            kept = {lp.name: list(lp.spec.ranks) for lp in p}
+            hits = {n: r for n, r in capped.items() if n in kept and r == kept[n]}
+            if hits:
+                p.meta["macs_capped"] = hits
+        return p
 
     if ranks is not None:
         if isinstance(ranks, Mapping):
@@ -535,37 +748,101 @@ def plan(
                     f"ranks has no entry matching layer {name!r}; patterns: {list(rmap)}"
                 )
 
-            return make(rank_for)
-        return make(lambda name: ranks)
+            return finish(make(rank_for))
+        return finish(make(lambda name: ranks))
 
     if target_ratio is not None:
-        return _solve(
-            make,
-            chosen,
-            float(target_ratio),
-            "ratio",
-            lambda p: p.ratio,
-            allocation,
-            lambda lp: (lp.params, lp.dense_params),
+        return finish(
+            _capped_solve(
+                max_layer_macs,
+                make,
+                chosen,
+                float(target_ratio),
+                "ratio",
+                lambda p: p.ratio,
+                allocation,
+                lambda lp: (lp.params, lp.dense_params),
+            )
         )
-    if input_shape is None:
-        raise ValueError("target_macs_reduction needs input_shape to count MACs")
+    if input_shape is None and example_inputs is None:
+        raise ValueError("target_macs_reduction needs input_shape or example_inputs to count MACs")
     unseen = [lp.name for lp in make(lambda name: 1) if lp.macs is None]
     if unseen:
         raise ValueError(
             f"target_macs_reduction needs the MACs of every planned layer, but {unseen} saw "
-            f"no input when the model ran on input_shape {tuple(input_shape)}; exclude them "
+            f"no input when the model ran on "
+            f"{'example_inputs' if input_shape is None else f'input_shape {tuple(input_shape)}'}"
+            "; exclude them "
             "or give target_ratio"
         )
-    return _solve(
-        make,
-        chosen,
-        float(target_macs_reduction),
-        "MAC reduction",
-        lambda p: p.macs_reduction,
-        allocation,
-        lambda lp: (lp.macs, lp.dense_macs),
+    return finish(
+        _capped_solve(
+            max_layer_macs,
+            make,
+            chosen,
+            float(target_macs_reduction),
+            "MAC reduction",
+            lambda p: p.macs_reduction,
+            allocation,
+            lambda lp: (lp.macs, lp.dense_macs),
+        )
     )
+
+
+def _capped_solve(max_layer_macs: float | None, *args: Any) -> CompressionPlan:
+    """:func:`_solve`, whose error names the MAC ceiling when there is one."""
+    try:
+        return _solve(*args)
+    except ValueError as e:
+        if max_layer_macs is None:
+            raise
+        raise ValueError(
+            f"{e} (with max_layer_macs={max_layer_macs:g}, which caps the ranks of layers "
+            "that would need more MACs)"
+        ) from None
+
+
+def _cap_macs(lp: LayerPlan, ceiling: float, capped: dict[str, list[int]]) -> LayerPlan:
+    """``lp`` with its ranks capped at the largest value whose MACs are at most ``ceiling``
+    times the dense layer's (``lp`` itself if it already is); records the capped ranks."""
+    if lp.macs is None or lp.dense_macs is None:
+        raise ValueError(
+            f"max_layer_macs needs the MACs of every planned layer, but {lp.name!r} saw no "
+            "input: give input_shape or example_inputs that run it"
+        )
+    limit = ceiling * lp.dense_macs
+    if lp.macs <= limit:
+        return lp
+    fmt, s = lp.format, lp.spec
+
+    def at(cap: int) -> LayerPlan:
+        ranks = tuple(min(r, cap) for r in s.ranks)
+        spec = fmt.resolve(
+            lp.geometry,
+            ranks,
+            out_factors=s.out_factors,
+            in_factors=s.in_factors,
+            layout=s.layout,
+            layer_name=lp.name,
+        )
+        return LayerPlan(lp.name, lp.param, lp.geometry, spec, lp.input_hw, lp.steps, lp.transposed)
+
+    lo, hi = 1, max(s.ranks)  # at(hi) is lp: over the limit
+    if at(lo).macs > limit:  # type: ignore[operator]
+        raise ValueError(
+            f"{lp.name}: even at rank 1 the {s.format!r} layer needs {at(lo).macs:,} MACs, "
+            f"more than max_layer_macs={ceiling:g} x its dense {lp.dense_macs:,}; exclude it "
+            "or raise max_layer_macs"
+        )
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if at(mid).macs <= limit:  # type: ignore[operator]
+            lo = mid
+        else:
+            hi = mid
+    out = at(lo)
+    capped[lp.name] = list(out.spec.ranks)
+    return out
 
 
 def _equal_rank_start(

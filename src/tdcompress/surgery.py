@@ -98,6 +98,7 @@ def _replace_layers(
     lstm_groups: dict[str, list[LayerPlan]] = {}
     for lp in plan:
         w = (weights or {}).get(lp.param, new.get_parameter(lp.param)).detach()
+        w = lp.dense_view(w)  # (Hugging Face's Conv1D stores it transposed)
         mod = new.get_submodule(lp.name.rsplit(".l", 1)[0]) if ".weight_ih_l" in lp.param else None
         if isinstance(mod, nn.LSTM):
             lstm_groups.setdefault(lp.name.rsplit(".l", 1)[0], []).append(lp)

@@ -51,6 +51,7 @@ __all__ = [
     "init_skipped",
     "check_record",
     "structural_spec",
+    "FactorizedWeight",
 ]
 
 
@@ -723,6 +724,128 @@ def structural_spec(spec: FactorSpec) -> FactorSpec:
     return dataclasses.replace(spec, options={})
 
 
+#: tensor methods that only read a tensor's metadata: answered by the proxy itself
+_METADATA_READS = frozenset(
+    {
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.ndimension,
+        torch.Tensor.numel,
+        torch.Tensor.nelement,
+        torch.Tensor.element_size,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.is_complex,
+        torch.Tensor.get_device,
+        torch.Tensor.__len__,
+    }
+)
+
+#: tensor properties that only describe a tensor (the others, like ``.T``, compute)
+_METADATA_PROPERTIES = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "requires_grad",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_cpu",
+        "is_meta",
+        "is_sparse",
+        "is_quantized",
+        "is_mkldnn",
+        "is_nested",
+        "is_leaf",
+        "grad",
+        "grad_fn",
+        "names",
+        "itemsize",
+        "nbytes",
+        "is_xpu",
+        "is_mps",
+    }
+)
+_IN_PLACE_DUNDERS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__"}
+)
+
+
+class FactorizedWeight(torch.Tensor):
+    """What ``layer.weight`` gives for a factorized layer: a stand-in for the dense weight.
+
+    Modules written for ``nn.Linear``/``nn.Conv2d`` read their children's ``.weight``:
+    ``nn.TransformerEncoderLayer`` hands ``linear1.weight`` to a fused inference kernel,
+    Hugging Face code reads ``.weight.dtype``. This tensor has the dense weight's shape,
+    dtype, device and ``requires_grad`` but holds no data; metadata reads are answered
+    directly, and any computation with it (``F.linear(x, layer.weight)``, ``w.sum()``)
+    runs on ``layer.to_dense()`` (differentiable, built at that moment). Because it
+    overrides ``__torch_function__``, PyTorch's fused transformer paths see
+    ``has_torch_function`` and decline, so the modules call the factorized forward.
+    In-place changes (``weight.data.normal_()``, ``weight.copy_(w)``) raise: the weight
+    is the product of the cores, change those instead. The layout is the dense layer's
+    ``(out_features, in_features[, kh, kw])``.
+    """
+
+    _layer: FactorizedLayer
+
+    @staticmethod
+    def __new__(cls, layer: FactorizedLayer) -> FactorizedWeight:
+        ref = layer.cores[0]
+        t = torch.Tensor._make_wrapper_subclass(
+            cls,
+            layer.geometry.weight_shape,
+            dtype=ref.dtype,
+            device=ref.device,
+            requires_grad=ref.requires_grad,
+        )
+        t._layer = layer
+        return t
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # noqa: ARG002
+        with torch._C.DisableTorchFunctionSubclass():
+            shape, dtype, device = tuple(self.shape), self.dtype, self.device
+        return (
+            f"FactorizedWeight(shape={shape}, dtype={dtype}, device={device}, "
+            f"of {type(self._layer).__name__}; to_dense() gives the values)"
+        )
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property: metadata is answered here, the rest computed
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+            if name in _METADATA_PROPERTIES:
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **kwargs)
+            if name == "data":  # stays the proxy, so that .data.normal_() raises below
+                return args[0]
+        elif func in _METADATA_READS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS:
+            if args and isinstance(args[0], FactorizedWeight):
+                layer = args[0]._layer
+                raise RuntimeError(
+                    f"{type(layer).__name__}.weight is computed from the layer's factors and "
+                    f"cannot be changed in place (Tensor.{name}); change layer.cores instead"
+                )
+
+        def dense(a: Any) -> Any:
+            return a._layer.to_dense() if isinstance(a, FactorizedWeight) else a
+
+        args, kwargs = torch.utils._pytree.tree_map(dense, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        raise RuntimeError(
+            f"{func} reached a FactorizedWeight below torch functions (e.g. with torch "
+            "function handling disabled); use layer.to_dense() for the dense weight"
+        )
+
+
 class FactorizedLayer(nn.Module):
     """Base of the TT/TR layers: ``from_dense``, ``to_dense``, plan cache, ``extra_repr``.
 
@@ -895,6 +1018,14 @@ class FactorizedLayer(nn.Module):
     def to_dense(self) -> torch.Tensor:
         """The full weight, with the dense layer's weight shape (differentiable)."""
         return self.structure.reconstruct(list(self.cores))
+
+    @property
+    def weight(self) -> FactorizedWeight:
+        """A stand-in for the dense weight (:class:`FactorizedWeight`): its shape, dtype and
+        device without building it; any computation with it uses :meth:`to_dense`. Modules
+        that read ``.weight`` to pick a fused dense kernel (``nn.TransformerEncoderLayer``
+        in eval mode) see it and fall back to calling this layer."""
+        return FactorizedWeight(self)
 
     @property
     def ranks(self) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ from tdcompress.models.lstm_video import (
 from tdcompress.models.mlp import MLP, mlp
 from tdcompress.models.resnet_cifar import CifarResNet, resnet20, resnet32, resnet56
 from tdcompress.models.resnet_imagenet import ImageNetResNet, resnet18, resnet34
+from tdcompress.models.transformer import RowTransformer, row_transformer
 
 __all__ = [
     "MODELS",
@@ -37,6 +38,8 @@ __all__ = [
     "LSTMVideoClassifier",
     "lstm_video",
     "lstm_speech",
+    "RowTransformer",
+    "row_transformer",
 ]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -49,6 +52,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "lstm_video": lstm_video,
     "lstm_speech": lstm_speech,
+    "row_transformer": row_transformer,
 }
 
 

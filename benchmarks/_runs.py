@@ -1,0 +1,98 @@
+"""Shared by the result scripts that drive many ``tdcompress`` runs (fsdd.py,
+transformer_mnist.py): a queue that runs them ``jobs`` at a time, each after the runs it
+starts from, and interleaved latency medians of several models."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def run_queue(
+    runs: Sequence[dict[str, Any]],
+    argv: Callable[[dict[str, Any]], list[str]],
+    ready: Callable[[dict[str, Any]], bool],
+    finished: Callable[[dict[str, Any]], bool],
+    *,
+    cwd: Path,
+    log_dir: Path,
+    jobs: int,
+    tag: str,
+) -> None:
+    """Run each unfinished run of ``runs`` (dicts with an ``id``) as ``python -m tdcompress
+    <argv(run)>``, at most ``jobs`` at a time, in order among those whose ``ready(run)``
+    holds (e.g. its dense run has finished); one log file per run under ``log_dir``.
+    Raises RuntimeError naming the runs that failed (after the others have run)."""
+    pending = [r for r in runs if not finished(r)]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    active: list[tuple[dict[str, Any], subprocess.Popen]] = []
+    failed: list[str] = []
+    while pending or active:
+        for r, p in list(active):
+            if p.poll() is not None:
+                active.remove((r, p))
+                if p.returncode:
+                    failed.append(r["id"])
+                status = "done" if p.returncode == 0 else f"FAILED (exit {p.returncode})"
+                print(f"[{tag}] {r['id']}: {status}", flush=True)
+        startable = [r for r in pending if ready(r)]
+        while startable and len(active) < jobs:
+            r = startable.pop(0)
+            pending.remove(r)
+            cmd = [sys.executable, "-m", "tdcompress", *argv(r)]
+            cmd += ["--set", "runtime.progress=false", "--set", "runtime.threads=1"]
+            log = open(log_dir / (r["id"].replace("/", "_") + ".log"), "a")
+            print(f"[{tag}] start {r['id']}", flush=True)
+            active.append((r, subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=log)))
+        if pending and not active and not any(ready(r) for r in pending):
+            raise RuntimeError(f"{tag}: runs waiting on failed runs: {failed}")
+        time.sleep(2)
+    if failed:
+        raise RuntimeError(f"{tag}: failed runs (see {log_dir}): {failed}")
+
+
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    inputs: dict[int, torch.Tensor],
+    repeats: int = 15,
+    reference: str = "dense",
+) -> list[dict[str, Any]]:
+    """Per-batch latency of each model in ``models`` (eval, inference mode, the current
+    thread count) on each ``inputs[batch]``: every round times each model once, in turn,
+    over a few calls; the median over ``repeats`` rounds. Rows: key, batch, ms per batch,
+    microseconds per sample, speed-up over ``models[reference]``."""
+    out = []
+    for batch, x in inputs.items():
+        times: dict[str, list[float]] = {k: [] for k in models}
+        inner = 20 if batch == 1 else 3
+        with torch.inference_mode():
+            for m in models.values():
+                for _ in range(3):  # warm-up (plans, allocator)
+                    m(x)
+            for _ in range(repeats):
+                for k, m in models.items():
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        m(x)
+                    times[k].append((time.perf_counter() - t0) / inner)
+        ref = statistics.median(times[reference]) if reference in times else None
+        for k, ts in times.items():
+            med = statistics.median(ts)
+            out.append(
+                {
+                    "key": k,
+                    "batch": batch,
+                    "ms_per_batch": 1e3 * med,
+                    "us_per_sample": 1e6 * med / batch,
+                    "speedup_vs_dense": None if ref is None else ref / med,
+                }
+            )
+    return out
