@@ -1,9 +1,11 @@
 """Shared by the result scripts that drive many ``tdcompress`` runs (fsdd.py,
 transformer_mnist.py): a queue that runs them ``jobs`` at a time, each after the runs it
-starts from, and interleaved latency medians of several models."""
+starts from; what a run folder holds (finished?, its record, its model); interleaved
+latency medians of several models."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -96,3 +98,46 @@ def interleaved_latency(
                 }
             )
     return out
+
+
+def done_stages(out_dir: Path) -> dict[str, Any]:
+    """``state.json``'s finished stages of a run folder ({} if it has none)."""
+    st = Path(out_dir) / "state.json"
+    return json.loads(st.read_text())["done"] if st.is_file() else {}
+
+
+def finished(out_dir: Path, dense: bool) -> bool:
+    """A dense run (``tdcompress train``) has trained; any other has evaluated."""
+    return ("train" if dense else "evaluate") in done_stages(out_dir)
+
+
+def run_record(out_dir: Path) -> dict[str, Any]:
+    """What every result keeps of a finished run: training wall time (the epochs' own
+    seconds) and the per-epoch test accuracy."""
+    from tdcompress.train.loop import read_metrics
+
+    rows = read_metrics(Path(out_dir) / "metrics.jsonl", per_epoch=True)
+    return {
+        "wall_seconds": round(sum(x.get("seconds", 0.0) for x in rows), 1),
+        "curve": [
+            {"phase": x["phase"], "epoch": x["epoch"], "test_acc": x["test_acc"]} for x in rows
+        ],
+    }
+
+
+def run_model(config: Path, out_dir: Path, data_root: str, dense: bool) -> nn.Module:
+    """The trained model of a run folder in eval mode: the dense model (``dense.pt``) or
+    the fine-tuned compressed one (``finetuned.pt``, rebuilt without decomposing)."""
+    from tdcompress.config import load_config
+    from tdcompress.pipeline import Pipeline
+    from tdcompress.train.checkpoint import load_checkpoint
+
+    cfg = load_config(config)
+    cfg.runtime.out_dir = str(out_dir)
+    cfg.data.root = data_root
+    p = Pipeline(cfg)
+    if not dense:
+        return p.compressed_model("finetuned.pt").eval()
+    m = p.dense_model()
+    m.load_state_dict(load_checkpoint(Path(out_dir) / "dense.pt")["model"])
+    return m.eval()

@@ -85,9 +85,7 @@ def conv_tensor(
     return w.reshape(*out_f, k * k, *in_f).contiguous()
 
 
-def tt_matrix_tensor(
-    m_f: Sequence[int], n_f: Sequence[int], gen: torch.Generator
-) -> torch.Tensor:
+def tt_matrix_tensor(m_f: Sequence[int], n_f: Sequence[int], gen: torch.Generator) -> torch.Tensor:
     """A Gaussian (M, N) matrix as a TT-matrix tensor with paired modes (m_k * n_k)."""
     if len(m_f) != len(n_f):
         raise ValueError(f"m_f and n_f must have the same length, got {m_f} and {n_f}")
@@ -98,9 +96,7 @@ def tt_matrix_tensor(
     return w.reshape(*m_f, *n_f).permute(order).reshape(paired).contiguous()
 
 
-def powerlaw_tt_tensor(
-    shape: Sequence[int], alpha: float, gen: torch.Generator
-) -> torch.Tensor:
+def powerlaw_tt_tensor(shape: Sequence[int], alpha: float, gen: torch.Generator) -> torch.Tensor:
     """A tensor whose unfoldings have roughly power-law spectra (s_j ~ j^-alpha).
 
     Built from Gaussian TT cores at the largest useful ranks, the j-th slice of every bond
@@ -238,8 +234,10 @@ def _larger_gram_fits(shape: tuple[int, ...], rank: int) -> str | None:
     worst = max(max(ranks[k] * shape[k], math.prod(shape[k + 1 :])) for k in range(len(shape) - 1))
     need = worst * worst * 4
     if need > GRAM_BUDGET_BYTES:
-        return (f"symeig_svd forms a {worst}x{worst} Gram matrix ({need / 1024**3:.0f} GiB "
-                f"float32) > {GRAM_BUDGET_BYTES / 1024**3:.0f} GiB budget")
+        return (
+            f"symeig_svd forms a {worst}x{worst} Gram matrix ({need / 1024**3:.0f} GiB "
+            f"float32) > {GRAM_BUDGET_BYTES / 1024**3:.0f} GiB budget"
+        )
     return None
 
 
@@ -268,13 +266,25 @@ LIBRARIES: list[Library] = [
     _tensorly("pytorch", "truncated_svd"),
     _tensorly("pytorch", "randomized_svd"),
     _tensorly("pytorch", "symeig_svd"),
-    Library("torchtt", False, "torchtt", "torchtt.TT(x, eps=0, rmax=r).full()", _identity,
-            _torchtt_run),
-    Library("tntorch[svd]", False, "tntorch", "tntorch.Tensor(x, ranks_tt=r).torch()",
-            _identity, _tntorch("svd")),
-    Library("tntorch[eig]", False, "tntorch",
-            "tntorch.Tensor(x, ranks_tt=r, algorithm='eig').torch()", _identity,
-            _tntorch("eig")),
+    Library(
+        "torchtt", False, "torchtt", "torchtt.TT(x, eps=0, rmax=r).full()", _identity, _torchtt_run
+    ),
+    Library(
+        "tntorch[svd]",
+        False,
+        "tntorch",
+        "tntorch.Tensor(x, ranks_tt=r).torch()",
+        _identity,
+        _tntorch("svd"),
+    ),
+    Library(
+        "tntorch[eig]",
+        False,
+        "tntorch",
+        "tntorch.Tensor(x, ranks_tt=r, algorithm='eig').torch()",
+        _identity,
+        _tntorch("eig"),
+    ),
 ]
 
 
@@ -370,9 +380,11 @@ def run_case(
             else:
                 n = repeats if repeats is not None else (3 if first > SLOW_CASE_S else 7)
             todo.append((lib, prepared, n))
-            log(f"  {case.name:12s} {lib.name:22s} warm-up {first * 1e3:10.2f} ms  "
+            log(
+                f"  {case.name:12s} {lib.name:22s} warm-up {first * 1e3:10.2f} ms  "
                 f"err {row['rel_error']:.6f}  ranks {row['ranks']}"
-                + ("" if row["ranks_ok"] else f" (expected {expected})"))
+                + ("" if row["ranks_ok"] else f" (expected {expected})")
+            )
         # one repeat count for the whole case (the smallest any library asked for), so that
         # every median is taken over the same round-robin rounds, under the same load
         common = min((n for _, _, n in todo if n > 0), default=0)
@@ -396,8 +408,11 @@ def run_case(
         "shape": list(case.shape),
         "rank": case.rank,
         "expected_ranks": expected,
-        "input": (f"Kaiming-scaled Gaussian weight, float32, seed {seed}" if kind == "gaussian"
-                  else f"power-law TT tensor, alpha {alpha}, float32, seed {seed}"),
+        "input": (
+            f"Kaiming-scaled Gaussian weight, float32, seed {seed}"
+            if kind == "gaussian"
+            else f"power-law TT tensor, alpha {alpha}, float32, seed {seed}"
+        ),
         "results": rows,
     }
     summarize(result, {lib.name for lib in libraries if lib.ours})
@@ -410,13 +425,19 @@ def summary_line(result: dict[str, Any]) -> str:
     s = result["summary"]
     if s["speedup_vs_fastest_peer"] is None:
         return "no peer or no ours[gram] timing"
-    line = (f"ours[gram] {s['ours_ms']:.2f} ms: {s['speedup_vs_fastest_peer']:.2f}x faster than "
-            f"the fastest peer ({result['fastest_peer']})")
+    line = (
+        f"ours[gram] {s['ours_ms']:.2f} ms: {s['speedup_vs_fastest_peer']:.2f}x faster than "
+        f"the fastest peer ({result['fastest_peer']})"
+    )
     if s["speedup_vs_fastest_equal_error_peer"] is not None:
-        line += (f", {s['speedup_vs_fastest_equal_error_peer']:.2f}x than the fastest at "
-                 f"equal error ({s['fastest_equal_error_peer']})")
-    return line + (f"; 2x goal at equal error {'met' if s['goal_2x_met'] else 'NOT met'}"
-                   f", vs every peer {'met' if s['2x_vs_every_peer'] else 'NOT met'}")
+        line += (
+            f", {s['speedup_vs_fastest_equal_error_peer']:.2f}x than the fastest at "
+            f"equal error ({s['fastest_equal_error_peer']})"
+        )
+    return line + (
+        f"; 2x goal at equal error {'met' if s['goal_2x_met'] else 'NOT met'}"
+        f", vs every peer {'met' if s['2x_vs_every_peer'] else 'NOT met'}"
+    )
 
 
 #: a peer is "at equal error" when it keeps at least this fraction of the energy
@@ -440,18 +461,23 @@ def summarize(result: dict[str, Any], ours: set[str], ref: str = "ours[gram]") -
     ref_energy = captured_energy(ref_row["rel_error"]) if ref_row else None
     for r in timed.values():
         r["ratio_to_fastest_peer"] = r["median_ms"] / peers[best]["median_ms"] if best else None
-        r["energy_vs_ours"] = (captured_energy(r["rel_error"]) / ref_energy
-                               if ref_energy else None)
-    equal = {n: r for n, r in peers.items()
-             if r["energy_vs_ours"] is not None and r["energy_vs_ours"] >= EQUAL_ENERGY}
+        r["energy_vs_ours"] = captured_energy(r["rel_error"]) / ref_energy if ref_energy else None
+    equal = {
+        n: r
+        for n, r in peers.items()
+        if r["energy_vs_ours"] is not None and r["energy_vs_ours"] >= EQUAL_ENERGY
+    }
     best_eq = min(equal, key=lambda n: equal[n]["median_ms"]) if equal else None
-    summary: dict[str, Any] = {"ours_ms": ref_row["median_ms"] if ref_row else None,
-                               "fastest_peer_ms": peers[best]["median_ms"] if best else None,
-                               "fastest_equal_error_peer": best_eq}
-    for key, name in (("speedup_vs_fastest_peer", best),
-                      ("speedup_vs_fastest_equal_error_peer", best_eq)):
-        summary[key] = rows[name]["median_ms"] / ref_row["median_ms"] if name and ref_row \
-            else None
+    summary: dict[str, Any] = {
+        "ours_ms": ref_row["median_ms"] if ref_row else None,
+        "fastest_peer_ms": peers[best]["median_ms"] if best else None,
+        "fastest_equal_error_peer": best_eq,
+    }
+    for key, name in (
+        ("speedup_vs_fastest_peer", best),
+        ("speedup_vs_fastest_equal_error_peer", best_eq),
+    ):
+        summary[key] = rows[name]["median_ms"] / ref_row["median_ms"] if name and ref_row else None
     summary["goal_2x_met"] = (summary["speedup_vs_fastest_equal_error_peer"] or 0.0) >= 2.0
     summary["2x_vs_every_peer"] = (summary["speedup_vs_fastest_peer"] or 0.0) >= 2.0
     result["summary"] = summary
@@ -514,8 +540,10 @@ def environment() -> dict[str, Any]:
 
 def format_table(cases: Sequence[dict[str, Any]]) -> str:
     """Plain-text table: case, rank, library, median ms, ratio to fastest peer, error."""
-    head = f"{'case':13s} {'rank':>4s} {'library':22s} {'median ms':>11s} " \
-           f"{'x fastest peer':>14s} {'rel. error':>10s} {'energy/ours':>11s}"
+    head = (
+        f"{'case':13s} {'rank':>4s} {'library':22s} {'median ms':>11s} "
+        f"{'x fastest peer':>14s} {'rel. error':>10s} {'energy/ours':>11s}"
+    )
     lines = [head, "-" * len(head)]
     for c in cases:
         for name, r in c["results"].items():
@@ -527,8 +555,10 @@ def format_table(cases: Sequence[dict[str, Any]]) -> str:
             mark += "  <- fastest peer" if name == c["fastest_peer"] else ""
             ratio = r.get("ratio_to_fastest_peer") or float("nan")
             energy = r.get("energy_vs_ours") or float("nan")
-            lines.append(f"{c['case']:13s} {c['rank']:4d} {name:22s} {r['median_ms']:11.2f} "
-                         f"{ratio:14.3f} {r['rel_error']:10.6f} {energy:11.3f}{mark}")
+            lines.append(
+                f"{c['case']:13s} {c['rank']:4d} {name:22s} {r['median_ms']:11.2f} "
+                f"{ratio:14.3f} {r['rel_error']:10.6f} {energy:11.3f}{mark}"
+            )
         lines.append(f"  => {summary_line(c)}")
         lines.append("")
     return "\n".join(lines)
@@ -536,8 +566,10 @@ def format_table(cases: Sequence[dict[str, Any]]) -> str:
 
 def format_markdown(cases: Sequence[dict[str, Any]]) -> str:
     """The same table as :func:`format_table`, as Markdown (for docs/performance.md)."""
-    lines = ["| case | rank | library | median ms | x fastest peer | rel. error | energy/ours |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        "| case | rank | library | median ms | x fastest peer | rel. error | energy/ours |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for c in cases:
         for name, r in c["results"].items():
             if "skipped" in r:
@@ -550,7 +582,8 @@ def format_markdown(cases: Sequence[dict[str, Any]]) -> str:
             lines.append(
                 f"| {c['case']} | {c['rank']} | {star}{name}{star}{note} | "
                 f"{r['median_ms']:.1f} | {r['ratio_to_fastest_peer']:.2f} | "
-                f"{r['rel_error']:.6f} | {r['energy_vs_ours']:.3f} |")
+                f"{r['rel_error']:.6f} | {r['energy_vs_ours']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -574,43 +607,85 @@ def merge_runs(runs: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str
         for c in run["cases"]:
             by_case[c["case"]] = {**c, "from_run": i}
     order = [c.name for c in CASES]
-    cases = sorted(by_case.values(),
-                   key=lambda c: order.index(c["case"]) if c["case"] in order else len(order))
+    cases = sorted(
+        by_case.values(), key=lambda c: order.index(c["case"]) if c["case"] in order else len(order)
+    )
     ours = {n for n in libs if n.startswith("ours[")}
     for c in cases:
         summarize(c, ours)
-    return {"environment": runs[-1]["environment"],
-            "runs": [{"file": str(n), "environment": r["environment"],
-                      "cases": [c["case"] for c in r["cases"]]} for n, r in zip(names, runs)],
-            "libraries": libs, "cases": cases}
+    return {
+        "environment": runs[-1]["environment"],
+        "runs": [
+            {
+                "file": str(n),
+                "environment": r["environment"],
+                "cases": [c["case"] for c in r["cases"]],
+            }
+            for n, r in zip(names, runs)
+        ],
+        "libraries": libs,
+        "cases": cases,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    p.add_argument("--cases", default=None,
-                   help="comma-separated case names or substrings, e.g. conv64,ucf11")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per library (default 7, or 3 when one call > 0.5 s)")
-    p.add_argument("--libraries", default=None,
-                   help="comma-separated library names, e.g. 'ours[gram],tensorly[torch,rand]'")
+    p.add_argument(
+        "--cases", default=None, help="comma-separated case names or substrings, e.g. conv64,ucf11"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per library (default 7, or 3 when one call > 0.5 s)",
+    )
+    p.add_argument(
+        "--libraries",
+        default=None,
+        help="comma-separated library names, e.g. 'ours[gram],tensorly[torch,rand]'",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--out", default=None,
-                   help=f"JSON output path ('' for none; default {RESULTS.name} in "
-                        f"{RESULTS.parent}, projection_powerlaw.json with --input powerlaw)")
-    p.add_argument("--from-json", default=None,
-                   help="only re-summarize and print the table of a saved JSON result")
+    p.add_argument(
+        "--out",
+        default=None,
+        help=f"JSON output path ('' for none; default {RESULTS.name} in "
+        f"{RESULTS.parent}, projection_powerlaw.json with --input powerlaw)",
+    )
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="only re-summarize and print the table of a saved JSON result",
+    )
     p.add_argument("--markdown", action="store_true", help="with --from-json: Markdown table")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="combine saved runs into --out: a case in a later file replaces the "
-                        "same case of an earlier one (e.g. a rerun of cases hit by other load)")
-    p.add_argument("--input", choices=INPUTS, default="gaussian",
-                   help="gaussian layer weights (default) or power-law spectra (--alpha)")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="combine saved runs into --out: a case in a later file replaces the "
+        "same case of an earlier one (e.g. a rerun of cases hit by other load)",
+    )
+    p.add_argument(
+        "--input",
+        choices=INPUTS,
+        default="gaussian",
+        help="gaussian layer weights (default) or power-law spectra (--alpha)",
+    )
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (default 1)")
-    p.add_argument("--quiet-below", type=float, default=None, metavar="PCT",
-                   help="before each case, wait until the CPU pressure (avg10) is below PCT")
-    p.add_argument("--max-wait", type=float, default=300.0,
-                   help="longest wait per case for --quiet-below, seconds (default 300)")
+    p.add_argument(
+        "--quiet-below",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="before each case, wait until the CPU pressure (avg10) is below PCT",
+    )
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300.0,
+        help="longest wait per case for --quiet-below, seconds (default 300)",
+    )
     args = p.parse_args(argv)
     if args.merge:
         merged = merge_runs([json.loads(Path(f).read_text()) for f in args.merge], args.merge)
@@ -638,9 +713,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not libs:
             raise ValueError(f"--libraries {want} matches none of {[x.name for x in LIBRARIES]}")
     env = environment()
-    print(f"# {env['date_utc']}  torch {env['versions']['torch']}  threads "
-          f"{env['torch_threads']}  MALLOC env {env['malloc_env'] or 'unset (glibc default)'}"
-          f"  cpu pressure: {env['cpu_pressure_start']}")
+    print(
+        f"# {env['date_utc']}  torch {env['versions']['torch']}  threads "
+        f"{env['torch_threads']}  MALLOC env {env['malloc_env'] or 'unset (glibc default)'}"
+        f"  cpu pressure: {env['cpu_pressure_start']}"
+    )
     t0 = time.perf_counter()
     results = []
     for c in cases:
@@ -649,19 +726,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             waited = wait_quiet(args.quiet_below, args.max_wait)
         start = cpu_pressure()
         res = run_case(c, libs, args.repeats, kind=args.input, alpha=args.alpha)
-        res["cpu_pressure"] = {"waited_s": round(waited, 1), "start": start,
-                               "end": cpu_pressure()}
+        res["cpu_pressure"] = {"waited_s": round(waited, 1), "start": start, "end": cpu_pressure()}
         results.append(res)
     env["wall_s"] = round(time.perf_counter() - t0, 1)
     env["cpu_pressure_end"] = cpu_pressure()
     env["argv"] = list(sys.argv[1:] if argv is None else argv)
     print()
     print(format_table(results))
-    out = {"environment": env, "libraries": {lib.name: lib.note for lib in libs},
-           "cases": results}
+    out = {"environment": env, "libraries": {lib.name: lib.note for lib in libs}, "cases": results}
     if args.out is None:
-        args.out = str(RESULTS if args.input == "gaussian"
-                       else RESULTS.with_name("projection_powerlaw.json"))
+        args.out = str(
+            RESULTS if args.input == "gaussian" else RESULTS.with_name("projection_powerlaw.json")
+        )
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,10 +36,16 @@ import torch
 from tdcompress.data.speech import SPEAKERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import interleaved_latency, run_queue  # noqa: E402
+from _runs import (  # noqa: E402
+    done_stages,
+    interleaved_latency,
+    run_model,
+    run_queue,
+    run_record,
+)
+from _runs import finished as run_finished  # noqa: E402
 from tdcompress.report import command_block, pyplot, save_figure
 from tdcompress.train.checkpoint import atomic_write_text
-from tdcompress.train.loop import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "fsdd"
@@ -113,11 +119,7 @@ def command(r: dict[str, Any], data_root: str = "DATA") -> list[str]:
 
 
 def finished(r: dict[str, Any]) -> bool:
-    st = REPO / r["out_dir"] / "state.json"
-    if not st.is_file():
-        return False
-    done = json.loads(st.read_text())["done"]
-    return "train" in done if r["key"] == "dense" else "evaluate" in done
+    return run_finished(REPO / r["out_dir"], r["key"] == "dense")
 
 
 def run_all(data_root: str, jobs: int) -> None:
@@ -140,8 +142,7 @@ def collect_run(r: dict[str, Any]) -> dict[str, Any] | None:
     if not finished(r):
         return None
     out = REPO / r["out_dir"]
-    done = json.loads((out / "state.json").read_text())["done"]
-    rows = read_metrics(out / "metrics.jsonl", per_epoch=True)
+    done = done_stages(out)
     res: dict[str, Any] = {
         "id": r["id"],
         "key": r["key"],
@@ -151,10 +152,7 @@ def collect_run(r: dict[str, Any]) -> dict[str, Any] | None:
         "seed": r["seed"],
         "config": f"configs/fsdd/{r['key']}.yaml",
         "command": " ".join(command(r)),
-        "wall_seconds": round(sum(x.get("seconds", 0.0) for x in rows), 1),
-        "curve": [
-            {"phase": x["phase"], "epoch": x["epoch"], "test_acc": x["test_acc"]} for x in rows
-        ],
+        **run_record(out),
     }
     if r["key"] == "dense":
         res.update(
@@ -225,26 +223,14 @@ def latency(data_root: str, repeats: int = 15) -> list[dict[str, Any]]:
     """Per-sequence inference latency of the seed-0 official models (dense and every
     compressed one that finished), batch 1 and 32, 16 steps, PyTorch eager, 1 thread:
     medians of interleaved repeats (each model timed once per round, in turn)."""
-    from tdcompress.config import load_config
-    from tdcompress.pipeline import Pipeline
-    from tdcompress.train.checkpoint import load_checkpoint
-
     torch.set_num_threads(1)  # (the models, dense and compressed, timed in turn)
-    models = {}
-    for r in runs():
-        if r["fold"] != "official" or r["seed"] != 0 or not finished(r):
-            continue
-        cfg = load_config(CONFIGS / f"{r['key']}.yaml")
-        cfg.runtime.out_dir = str(REPO / r["out_dir"])
-        cfg.data.root = data_root
-        cfg.runtime.threads = 1
-        p = Pipeline(cfg)
-        if r["key"] == "dense":
-            m = p.dense_model()
-            m.load_state_dict(load_checkpoint(REPO / r["out_dir"] / "dense.pt")["model"])
-        else:
-            m = p.compressed_model("finetuned.pt")
-        models[r["key"]] = m.eval()
+    models = {
+        r["key"]: run_model(
+            CONFIGS / f"{r['key']}.yaml", REPO / r["out_dir"], data_root, r["key"] == "dense"
+        )
+        for r in runs()
+        if r["fold"] == "official" and r["seed"] == 0 and finished(r)
+    }
     gen = torch.Generator().manual_seed(0)
     inputs = {}
     for batch in (1, 32):
@@ -299,10 +285,16 @@ def write_page(doc: dict[str, Any]) -> None:
             continue
         if k == "dense":
             ratio = "1x | 1x | 1x"
-            macs = "9,438,464"
+            dense_macs = next((x["dense_macs"] for x in res if x.get("dense_macs")), None)
+            macs = "" if dense_macs is None else f"{dense_macs:,}"
         else:
             ratio = f"{r['matrix_ratio']:.0f}x | {r['lstm_ratio']:.1f}x | {r['ratio']:.2f}x"
-            macs = f"{r['macs']:,} ({r['macs_reduction']:.2f}x fewer)"
+            red = r["macs_reduction"]
+            macs = (
+                f"{r['macs']:,} ({red:.2f}x fewer)"
+                if red >= 1
+                else (f"{r['macs']:,} ({1 / red:.1f}x more)")
+            )
         per = ", ".join(f"{v:.2f}" for v in s["values"].values()) if s else ""
         lines.append(f"| {label} | {r['matrix_params']:,} | {ratio} | {macs} | {_pm(s)} | {per} |")
     lines += [
@@ -336,7 +328,7 @@ def write_page(doc: dict[str, Any]) -> None:
                 f"| {METHODS[k][0]} | {a['us_per_sequence']:.0f} | {a['speedup_vs_dense']:.2f}x "
                 f"| {b['us_per_sequence']:.0f} | {b['speedup_vs_dense']:.2f}x |"
             )
-    lines += ["", "## Verdict", "", doc.get("verdict", "(runs not finished)"), ""]
+    lines += ["", "## Verdict", "", doc.get("verdict") or "(runs not finished)", ""]
     lines += ["![curves and accuracy vs compression](fsdd.png)", ""]
     atomic_write_text(PAGE, "\n".join(lines))
 

@@ -27,7 +27,14 @@ from tdcompress.report import command_block
 from tdcompress.train.checkpoint import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import interleaved_latency, run_queue  # noqa: E402
+from _runs import (  # noqa: E402
+    done_stages,
+    interleaved_latency,
+    run_model,
+    run_queue,
+    run_record,
+)
+from _runs import finished as run_finished  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "quality-transformer_mnist.json"
@@ -52,30 +59,21 @@ def argv(r: dict[str, Any], data_root: str = "DATA") -> list[str]:
 
 
 def finished(r: dict[str, Any]) -> bool:
-    st = REPO / r["out_dir"] / "state.json"
-    if not st.is_file():
-        return False
-    done = json.loads(st.read_text())["done"]
-    return "train" in done if r["key"] == "dense" else "evaluate" in done
+    return run_finished(REPO / r["out_dir"], r["key"] == "dense")
 
 
 def collect_run(r: dict[str, Any]) -> dict[str, Any] | None:
     from tdcompress.planning import CompressionPlan
-    from tdcompress.train.loop import read_metrics
 
     if not finished(r):
         return None
     out = REPO / r["out_dir"]
-    done = json.loads((out / "state.json").read_text())["done"]
-    rows = read_metrics(out / "metrics.jsonl", per_epoch=True)
+    done = done_stages(out)
     res: dict[str, Any] = {
         "key": r["key"],
         "label": KEYS[r["key"]],
         "command": "tdcompress " + " ".join(argv(r)),
-        "wall_seconds": round(sum(x.get("seconds", 0.0) for x in rows), 1),
-        "curve": [
-            {"phase": x["phase"], "epoch": x["epoch"], "test_acc": x["test_acc"]} for x in rows
-        ],
+        **run_record(out),
     }
     if r["key"] == "dense":
         res.update(top1=100 * done["train"]["test_acc"], params=done["train"]["params"])
@@ -101,25 +99,17 @@ def collect_run(r: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def latency(data_root: str) -> list[dict[str, Any]]:
-    from tdcompress.config import load_config
-    from tdcompress.pipeline import Pipeline
-    from tdcompress.train.checkpoint import load_checkpoint
-
     torch.set_num_threads(1)
-    models = {}
-    for r in runs():
-        if not finished(r):
-            continue
-        cfg = load_config(REPO / f"configs/transformer/mnist_rows_{r['key']}.yaml")
-        cfg.runtime.out_dir = str(REPO / r["out_dir"])
-        cfg.data.root = data_root
-        p = Pipeline(cfg)
-        if r["key"] == "dense":
-            m = p.dense_model()
-            m.load_state_dict(load_checkpoint(REPO / r["out_dir"] / "dense.pt")["model"])
-        else:
-            m = p.compressed_model("finetuned.pt")
-        models[r["key"]] = m.eval()
+    models = {
+        r["key"]: run_model(
+            REPO / f"configs/transformer/mnist_rows_{r['key']}.yaml",
+            REPO / r["out_dir"],
+            data_root,
+            r["key"] == "dense",
+        )
+        for r in runs()
+        if finished(r)
+    }
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, 1, 28, 28, generator=gen) for b in (1, 32)}
     return interleaved_latency(models, inputs) if "dense" in models else []

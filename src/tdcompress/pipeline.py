@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from tdcompress.serialization import load_compressed, load_model_state, save_com
 from tdcompress.surgery import decompose
 from tdcompress.train.checkpoint import (
     atomic_write_text,
+    copy_atomic,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -159,15 +159,6 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """``src`` copied to ``dst`` through a synced temporary file and a rename."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
 class Pipeline:
     """Runs the stages of one :class:`~tdcompress.config.Config`; see the module docstring."""
 
@@ -272,7 +263,7 @@ class Pipeline:
                 for s in taken:
                     for name in _STAGE_FILES[s]:
                         if (src_dir / name).is_file():
-                            _copy_atomic(src_dir / name, self.out / name)
+                            copy_atomic(src_dir / name, self.out / name)
                 # the folder has no started stage, so any rows there are of an interrupted
                 # copy: replaced, not appended to
                 phases = {_STAGE_PHASE.get(s, s) for s in taken}

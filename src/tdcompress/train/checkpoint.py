@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "atomic_write_text"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "atomic_write_text",
+    "copy_atomic",
+]
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -60,6 +68,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """``src`` copied to ``dst`` through a synced temporary file in ``dst``'s folder and a
+    rename: ``dst`` is the old file or the whole new one, never a torn copy."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,26 +12,17 @@ dropped; once the run has evaluated, only its final weights stay (``finetuned.pt
 
 from __future__ import annotations
 
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+
+from tdcompress.train.checkpoint import copy_atomic
 
 __all__ = ["MAX_BYTES", "restore_run_folder", "mirror_run_folder", "kept_files"]
 
 MAX_BYTES = 8 * 1024 * 1024  # (the repository's limit on a committed file)
 _RECORDS = ("config.json", "state.json", "metrics.jsonl", "plan.yaml")
 _PHASE_OF_STAGE = {"train": "dense", "admm": "admm", "finetune": "finetune"}
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """``src`` to ``dst`` through a synced temporary file and a rename (atomic)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
 
 
 def kept_files(done: dict[str, Any], present: set[str]) -> set[str]:
@@ -67,7 +58,7 @@ def restore_run_folder(out_dir: str | Path, keep_dir: str | Path) -> bool:
     names = [p for p in keep.iterdir() if p.is_file() and not p.name.startswith(".")]
     # state.json last: a copy interrupted before it leaves a folder that is restored again
     for p in sorted(names, key=lambda p: p.name == "state.json"):
-        _copy(p, out / p.name)
+        copy_atomic(p, out / p.name)
     return True
 
 
@@ -91,7 +82,7 @@ def mirror_run_folder(out_dir: str | Path, keep_dir: str | Path, done: dict[str,
         if dst.is_file() and dst.stat().st_size == size:
             if dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
                 continue  # unchanged since the last copy
-        _copy(src, dst)
+        copy_atomic(src, dst)
     for p in keep.iterdir():
         if p.is_file() and not p.name.startswith(".") and p.name not in wanted:
             p.unlink()
