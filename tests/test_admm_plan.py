@@ -189,6 +189,7 @@ def test_random_init_builds_the_same_architecture_without_decomposing(fmt, monke
     new, report = decompose(model, p, init="random")
     assert report.errors == {} and report.params_after == p.compressed_params
     sd_new, sd_ref = new.state_dict(), ref.state_dict()
+
     def shapes(sd):  # (the factorized layers' records are dicts, equal here)
         return {k: getattr(v, "shape", v) for k, v in sd.items()}
 

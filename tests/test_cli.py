@@ -75,9 +75,7 @@ def test_an_unknown_key_and_a_bad_value(tmp_path, capsys):
     error_line(capsys, ["plan", str(cfg), "--set", "name=["], "--set name=[", "quote it")
 
 
-def test_a_missing_dataset_names_the_file_and_the_download_command(
-    tmp_path, capsys, no_env_root
-):
+def test_a_missing_dataset_names_the_file_and_the_download_command(tmp_path, capsys, no_env_root):
     cfg = write_cfg(tmp_path, data={"dataset": "mnist"})
     root = tmp_path / "data"
     error_line(

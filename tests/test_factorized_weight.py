@@ -129,3 +129,14 @@ def test_transformer_encoder_runs_the_factorized_layers(batch_first, norm_first)
     enc(x).sum().backward()
     assert all(c[0] == n + 1 for c in counters)
     assert enc.layers[0].linear1.cores[0].grad is not None
+
+
+def test_setting_a_weight_property_is_refused_not_lost() -> None:
+    from tdcompress.layers import TTLinear
+
+    layer = TTLinear.from_dense(torch.nn.Linear(16, 16), ranks=2)
+    with pytest.raises(RuntimeError, match="setting weight.data would change a temporary"):
+        layer.weight.data = torch.zeros(16, 16)
+    with pytest.raises(RuntimeError, match="setting weight.requires_grad"):
+        layer.weight.requires_grad = False
+    assert all(c.requires_grad for c in layer.cores)

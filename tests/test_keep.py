@@ -133,3 +133,20 @@ def test_run_resumes_from_the_kept_state_on_a_fresh_machine(tmp_path, monkeypatc
     assert p.run(("evaluate",))["evaluate"]["finetuned_acc"] == ref["finetuned_acc"]
     res = p.export(tmp_path / "m.pt2", format="pt2")
     assert Path(res.path).is_file()
+
+
+def test_mirror_compares_contents_not_time_stamps(tmp_path) -> None:
+    """A kept file newer than the run folder's (a checkout of another machine's state)
+    with the same size is still replaced when its bytes differ."""
+    import os
+
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    out.mkdir()
+    keep.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "admm.ckpt.pt").write_bytes(b"LOCAL-epoch-7")
+    (keep / "admm.ckpt.pt").write_bytes(b"OTHER-epoch-3")
+    later = os.stat(out / "admm.ckpt.pt").st_mtime_ns + 10**10
+    os.utime(keep / "admm.ckpt.pt", ns=(later, later))
+    mirror_run_folder(out, keep, {"train": {}, "plan": {}})
+    assert (keep / "admm.ckpt.pt").read_bytes() == b"LOCAL-epoch-7"

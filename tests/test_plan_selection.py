@@ -158,3 +158,42 @@ def test_example_inputs_trace_keyword_and_integer_inputs():
         tdc.plan(Tok(), "svd", ranks=2, example_inputs=ids, input_shape=(1, 6))
     with pytest.raises(TypeError, match="example_inputs must be a tensor, a tuple"):
         tdc.plan(Tok(), "svd", ranks=2, example_inputs=[ids])
+
+
+class _StdConv(nn.Conv2d):  # standardises its weight in forward, as timm's StdConv2d
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (
+            self.weight.std((1, 2, 3), keepdim=True) + 1e-5
+        )
+        return self._conv_forward(x, w, self.bias)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class _PlainSubLinear(nn.Linear):  # a subclass that computes nn.Linear's function
+    pass
+
+
+def test_subclasses_with_their_own_forward_stay_dense_with_the_reason() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        _StdConv(8, 16, 3),
+        nn.Flatten(),
+        _ScaledLinear(16 * 4 * 4, 32),
+        _PlainSubLinear(32, 32),
+        nn.Linear(32, 10),
+    )
+    p = tdc.plan(model, "tt", ranks=4, include=["*"], input_shape=(1, 3, 8, 8))
+    assert [lp.name for lp in p.layers] == ["0", "4", "5"]
+    assert "overrides forward()" in p.skipped["1"] and "_StdConv" in p.skipped["1"]
+    assert "overrides forward()" in p.skipped["3"]
+    # what is planned still computes the model's function at full rank (float64)
+    full = tdc.plan(model, "tt", ranks=64, include=["*"], input_shape=(1, 3, 8, 8))
+    m = model.double()
+    c, _ = tdc.decompose(m, full)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(c(x), m(x))

@@ -276,9 +276,7 @@ def test_plan_filter_fn_is_applied_after_include_and_exclude():
         tdc.plan(model, "tt", ranks=2, filter_fn=lambda m, n: False)
 
 
-def test_files_of_older_runs_without_records_load_with_their_plan(
-    tmp_path, forbid_decomposition
-):
+def test_files_of_older_runs_without_records_load_with_their_plan(tmp_path, forbid_decomposition):
     model, p = compressed_cnn()
     old = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     torch.save({"model": old}, tmp_path / "old.pt")
@@ -358,3 +356,72 @@ def test_the_pipeline_saves_and_rebuilds_its_models_through_the_records(
     assert torch.equal(pipe.compressed_model().eval()(x), want)
     ev = pipe.run(("finetune", "evaluate"), force=True)["evaluate"]  # resumes the old ckpt
     assert ev["finetuned_acc"] is not None
+
+
+class Conv1D(nn.Module):  # the shape of Hugging Face's GPT-2 Conv1D (weight stored (in, out))
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).view(
+            *x.shape[:-1], self.nf
+        )
+
+
+def _conv1d_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), Conv1D(48, 32), nn.ReLU(), nn.Linear(48, 4))
+
+
+def test_conv1d_layers_save_and_load(tmp_path) -> None:
+    model = _conv1d_model()
+    p = tdc.plan(model, "tt", ranks=4, include=["1"], input_shape=(1, 16))
+    c, _ = tdc.decompose(model, p)
+    tdc.save_compressed(c, tmp_path / "m.pt")
+    back = tdc.load_compressed(tmp_path / "m.pt", _conv1d_model())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(back(x), c(x), rtol=0, atol=0)
+
+
+def test_old_state_dicts_load_with_plain_load_state_dict_and_mismatches_name_the_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 4))
+    p = tdc.plan(model, "tt", ranks=2, include=["0", "2"], input_shape=(1, 16))
+    c, _ = tdc.decompose(model, p)
+    old = {k: v for k, v in c.state_dict().items() if not k.endswith("_extra_state")}
+    twin, _ = tdc.decompose(model, p, init="random")
+    twin.load_state_dict(old)  # strict: the records are the layers' own
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(twin(x), c(x), rtol=0, atol=0)
+    other, _ = tdc.decompose(
+        model,
+        tdc.plan(model, "tt", ranks=3, include=["0", "2"], input_shape=(1, 16)),
+        init="random",
+    )
+    with pytest.raises(ValueError, match="layer '0'"):
+        other.load_state_dict(c.state_dict(), strict=False)
+
+
+def test_a_child_called_module_is_not_a_wrapper(tmp_path) -> None:
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.module(x))
+
+    p = tdc.plan(Net(), "tt", ranks=2, include=["module.0"], input_shape=(1, 16))
+    c, _ = tdc.decompose(Net(), p)
+    tdc.save_compressed(c, tmp_path / "m.pt")
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)["model"]
+    assert "head.weight" in sd
+    back = tdc.load_compressed(tmp_path / "m.pt", Net())
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(back(x), c(x), rtol=0, atol=0)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tdcompress.planning import CompressionPlan
+from tdcompress.wrappers import unwrap_model
 
 __all__ = ["ADMM", "ADMMSchedule"]
 
@@ -87,7 +88,7 @@ class ADMM:
             raise ValueError(f"rho must be a positive finite number, got {rho!r}")
         if mode not in ("penalty", "hook"):
             raise ValueError(f"mode must be 'penalty' or 'hook', got {mode!r}")
-        model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+        model = unwrap_model(model)  # DDP / DataParallel / torch.compile wrappers
         plan.check_model(model)
         self.plan = plan
         self.rho = float(rho)

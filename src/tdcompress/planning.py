@@ -357,6 +357,20 @@ def _linear_like(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) or _is_conv1d(mod)
 
 
+def _own_forward(mod: nn.Module) -> str | None:
+    """The name of the method by which a subclass of nn.Linear / nn.Conv2d computes
+    something else than its base (timm's StdConv2d standardises its weight in ``forward``,
+    Conv2dSame pads there), or None: a factorized layer in its place would compute the
+    base's function, so such layers are left dense."""
+    base = nn.Linear if isinstance(mod, nn.Linear) else nn.Conv2d
+    if not isinstance(mod, (nn.Linear, nn.Conv2d)) or type(mod) is base:
+        return None
+    for meth in ("forward", "_conv_forward") if base is nn.Conv2d else ("forward",):
+        if getattr(type(mod), meth) is not getattr(base, meth):
+            return meth
+    return None
+
+
 #: why nn.MultiheadAttention's projections stay dense
 _MHA_IN_PROJ = (
     "the packed q/k/v projection of nn.MultiheadAttention: a bare parameter, no layer to swap"
@@ -400,6 +414,12 @@ def _candidates(
             shared = [n for n in owners.get(id(w), []) if n != own]
             if name in mha_out:
                 skipped[name] = _MHA_OUT_PROJ
+            elif _own_forward(mod):
+                skipped[name] = (
+                    f"{type(mod).__name__} overrides {_own_forward(mod)}() of "
+                    f"{'nn.Linear' if isinstance(mod, nn.Linear) else 'nn.Conv2d'}: a factorized "
+                    "layer in its place would not compute it"
+                )
             elif isinstance(w, nn.parameter.UninitializedParameter):
                 skipped[name] = "a lazy layer not yet initialised: run the model once first"
             elif shared:

@@ -25,12 +25,12 @@ from torch import nn
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.layers._base import (
     RECORD_KEY,
-    FactorizedLayer,
     check_record,
     no_init,
     structural_spec,
 )
-from tdcompress.planning import CompressionPlan
+from tdcompress.planning import CompressionPlan, _is_conv1d
+from tdcompress.wrappers import unwrap_model
 
 __all__ = [
     "save_compressed",
@@ -79,7 +79,7 @@ def save_compressed(
     dict, "tdcompress": {"version", "meta"}, "plan": dict or None}``. Returns the path."""
     from tdcompress.train.checkpoint import save_checkpoint
 
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = unwrap_model(model)  # DDP / DataParallel / torch.compile wrappers
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if plan is not None and not isinstance(plan, CompressionPlan):
@@ -179,29 +179,16 @@ def load_compressed(
         _build_from_plan(model, plan)
     try:
         load_model_state(model, sd, strict=strict)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # (ValueError: a record naming its layer)
         raise ValueError(f"{path}: does not fit the model: {e}") from None
     return model
 
 
-def load_model_state(
-    model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True
-) -> Any:
-    """``model.load_state_dict(state_dict, strict)``, where a factorized layer missing from
-    ``state_dict``'s records (a state dict of an older tdcompress) keeps its own record."""
-    sd = dict(state_dict)
-    for name, m in model.named_modules():
-        if isinstance(m, FactorizedLayer) or _is_flstm(m):
-            key = f"{name}.{_EXTRA}" if name else _EXTRA
-            if key not in sd:
-                sd[key] = m.get_extra_state()
-    return model.load_state_dict(sd, strict=strict)
-
-
-def _is_flstm(m: nn.Module) -> bool:
-    from tdcompress.layers.lstm import FactorizedLSTM
-
-    return isinstance(m, FactorizedLSTM)
+def load_model_state(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+    """``model.load_state_dict(state_dict, strict)``; a factorized layer missing from
+    ``state_dict``'s records (a state dict of an older tdcompress) keeps its own record (the
+    layers' ``_load_from_state_dict`` does it, so plain ``load_state_dict`` does too)."""
+    return model.load_state_dict(state_dict, strict=strict)
 
 
 def _build_from_plan(model: nn.Module, plan: CompressionPlan) -> None:
@@ -276,7 +263,10 @@ def _layer_from_record(current: nn.Module | None, rec: Mapping[str, Any], where:
     spec = FactorSpec.from_dict(dict(rec["spec"]))
     if current is not None:
         try:
-            have = LayerGeometry.from_module(current)
+            if _is_conv1d(current):  # GPT-2's Conv1D: a Linear stored transposed
+                have = LayerGeometry.linear(current.nx, current.nf, bias=current.bias is not None)
+            else:
+                have = LayerGeometry.from_module(current)
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"{where}: the file holds a {rec['class']} in place of an nn.Linear or "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from tdcompress.planning import CompressionPlan, LayerPlan
+from tdcompress.wrappers import unwrap_model
 
 __all__ = ["decompose", "compress_", "densify", "DecompositionReport"]
 
@@ -67,7 +68,7 @@ def decompose(
     architecture trained from scratch; no errors are reported). The input model is not
     modified (:func:`compress_` changes a model in place).
     """
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    model = unwrap_model(model)  # DDP / DataParallel / torch.compile wrappers
     _check_args(model, plan, weights, init)
     new = copy.deepcopy(model)
     return new, _replace_layers(new, plan, weights, init)

@@ -51,6 +51,7 @@ __all__ = [
     "init_skipped",
     "check_record",
     "structural_spec",
+    "load_with_record",
     "FactorizedWeight",
 ]
 
@@ -719,6 +720,22 @@ def check_record(state: Any, where: str, keys: Sequence[str]) -> Mapping[str, An
     return state
 
 
+def load_with_record(
+    module: nn.Module, load: Any, state_dict: dict[str, Any], prefix: str, *args: Any, **kw: Any
+) -> None:
+    """``module``'s ``_load_from_state_dict`` (``load``, its base's) for a layer that keeps a
+    record: a state dict of a tdcompress before the records (no ``<prefix>_extra_state``)
+    loads with the layer's own record, and a record that does not describe the layer is
+    refused naming the layer."""
+    key = prefix + "_extra_state"
+    if key not in state_dict:
+        state_dict[key] = module.get_extra_state()  # (load_state_dict passes its own copy)
+    try:
+        load(state_dict, prefix, *args, **kw)
+    except ValueError as e:
+        raise ValueError(f"layer {prefix.rstrip('.') or '(the model itself)'!r}: {e}") from None
+
+
 def structural_spec(spec: FactorSpec) -> FactorSpec:
     """``spec`` without its options (they steer decompositions, not the layer's shape)."""
     return dataclasses.replace(spec, options={})
@@ -824,6 +841,15 @@ class FactorizedWeight(torch.Tensor):
         elif func in _METADATA_READS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        elif name == "__set__":  # a property set (weight.data = t, weight.requires_grad = f)
+            prop = getattr(getattr(func, "__self__", None), "__name__", "?")
+            if args and isinstance(args[0], FactorizedWeight):
+                layer = args[0]._layer
+                raise RuntimeError(
+                    f"{type(layer).__name__}.weight is computed from the layer's factors: "
+                    f"setting weight.{prop} would change a temporary copy; set it on the "
+                    "factors (layer.cores, or layer.requires_grad_(False) to freeze)"
+                )
         if (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS:
             if args and isinstance(args[0], FactorizedWeight):
                 layer = args[0]._layer
@@ -866,6 +892,9 @@ class FactorizedLayer(nn.Module):
             "geometry": self.geometry.to_dict(),
             "spec": self.spec.to_dict(),
         }
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        load_with_record(self, super()._load_from_state_dict, state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: Any) -> None:
         """Check that a loaded record describes this layer (class, geometry, format, tensor

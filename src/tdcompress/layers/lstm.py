@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tdcompress.layers._base import EXTRA_STATE_VERSION, RECORD_KEY, check_record, init_skipped
+from tdcompress.layers._base import (
+    EXTRA_STATE_VERSION,
+    RECORD_KEY,
+    check_record,
+    init_skipped,
+    load_with_record,
+)
 
 __all__ = ["FactorizedLSTM", "recurrence"]
 
@@ -279,6 +285,9 @@ class FactorizedLSTM(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """The LSTM's record (constructor arguments; the input layers keep their own)."""
         return {RECORD_KEY: EXTRA_STATE_VERSION, "class": type(self).__name__, **self._config()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        load_with_record(self, super()._load_from_state_dict, state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: Any) -> None:
         """Check that a loaded record describes this LSTM (a ValueError says what differs)."""

@@ -12,6 +12,7 @@ dropped; once the run has evaluated, only its final weights stay (``finetuned.pt
 
 from __future__ import annotations
 
+import filecmp
 import warnings
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,8 @@ def mirror_run_folder(out_dir: str | Path, keep_dir: str | Path, done: dict[str,
                 stacklevel=2,
             )
             continue
-        if dst.is_file() and dst.stat().st_size == size:
-            if dst.stat().st_mtime_ns >= src.stat().st_mtime_ns:
-                continue  # unchanged since the last copy
+        if dst.is_file() and dst.stat().st_size == size and filecmp.cmp(src, dst, shallow=False):
+            continue  # the same bytes (compared, not judged by time stamps)
         copy_atomic(src, dst)
     for p in keep.iterdir():
         if p.is_file() and not p.name.startswith(".") and p.name not in wanted:
