@@ -216,6 +216,32 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
                 },
             }
         out[proto] = rows
+    out["paired"] = paired(out)
+    return out
+
+
+def paired(summ: dict[str, Any], admm: str = "tt_117x") -> dict[str, Any]:
+    """ADMM minus each other method, paired by seed (official) or held-out speaker: mean
+    and standard deviation of the differences (points) and ADMM's wins / ties / losses."""
+    out: dict[str, Any] = {}
+    for proto in ("official", "speaker"):
+        a = summ[proto].get(admm, {}).get("values", {})
+        for k, row in summ[proto].items():
+            if k == admm or k in FIRST_TRY_KEYS:
+                continue
+            common = sorted(set(a) & set(row["values"]))
+            if not common:
+                continue
+            d = [a[c] - row["values"][c] for c in common]
+            m, sd = _mean_std(d)
+            out[f"{proto}: {admm} - {k}"] = {
+                "mean": m,
+                "std": sd,
+                "n": len(d),
+                "wins": sum(x > 0 for x in d),
+                "ties": sum(x == 0 for x in d),
+                "losses": sum(x < 0 for x in d),
+            }
     return out
 
 
@@ -311,6 +337,19 @@ def write_page(doc: dict[str, Any]) -> None:
             for sp in SPEAKERS
         ]
         lines.append(f"| {METHODS[k][0]} | {_pm(s)} | " + " | ".join(vals) + " |")
+    if summ.get("paired"):
+        lines += [
+            "",
+            "## ADMM -> TT 117x against each method, paired (same seed or held-out speaker)",
+            "",
+            "| comparison | mean difference (points) ± std | pairs | ADMM wins / ties / losses |",
+            "|---|---|---|---|",
+        ]
+        for name, d in summ["paired"].items():
+            lines.append(
+                f"| {name} | {d['mean']:+.2f} ± {d['std']:.2f} | {d['n']} "
+                f"| {d['wins']} / {d['ties']} / {d['losses']} |"
+            )
     if doc.get("latency"):
         lines += [
             "",
