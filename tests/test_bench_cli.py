@@ -44,7 +44,9 @@ def test_bench_prints_and_writes_dense_and_compressed_side_by_side(tiny_run, cap
             assert math.isfinite(mem["peak"]) and mem["peak"] >= mem["baseline"] > 0
     cases = {(r["model"], r["runtime"], r["threads"], r["batch"]) for r in doc["rows"]}
     assert cases == {
-        (m, rt, 1, b) for m in ("dense", "compressed") for rt in ("eager", "onnxruntime")
+        (m, rt, 1, b)
+        for m in ("dense", "compressed")
+        for rt in ("eager", "onnxruntime")
         for b in (1, 3)
     }
     for r in doc["rows"]:
@@ -72,3 +74,16 @@ def test_bench_without_choice_or_memory_and_bad_settings(tiny_run, capsys):
         ["bench", str(tiny_run), "--repeats", "0", "--runtimes", "eager"],
         "repeats must be an int >= 1, got 0",
     )
+
+
+def test_export_with_the_execution_choice_keeps_the_compressed_file(tiny_run, capsys):
+    pytest.importorskip("onnxscript")
+    run = tiny_run.parent / "run"
+    base = ["export", str(tiny_run), "--batch-size", "4", "--format", "onnx"]
+    assert main([*base, "--output", str(run / "chosen.onnx"), "--execution-choice"]) == 0
+    assert "chosen.onnx (onnx" in capsys.readouterr().out
+    assert main([*base, "--output", str(run / "dense.onnx"), "--weights", "dense"]) == 0
+    assert main([*base, "--output", str(run / "plain.onnx")]) == 0
+    chosen, plain = (run / "chosen.onnx").stat().st_size, (run / "plain.onnx").stat().st_size
+    assert chosen < (run / "dense.onnx").stat().st_size
+    assert abs(chosen - plain) < 0.25 * plain  # whatever ran rebuilt: the cores, not kernels

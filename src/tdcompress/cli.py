@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the ONNX exporter's per-node provenance (module path, FX node): a larger file",
     )
+    ex.add_argument(
+        "--execution-choice",
+        action="store_true",
+        help="let each factorized layer measure here whether it runs faster factorized or "
+        "through its kernel rebuilt from the cores (folded by the runtime at load; the file "
+        "keeps the compressed size), and export that",
+    )
     ex.add_argument("--output", help="file to write (default: <out_dir>/model.<format>)")
     bp = sub.add_parser(
         "bench",
@@ -227,6 +234,7 @@ def _main(args: argparse.Namespace) -> int:
                 args.batch_size,
                 args.dynamic_batch,
                 args.debug_metadata,
+                args.execution_choice,
             )
         except (TypeError, RuntimeError) as e:  # (the exported file failing its check)
             if args.debug:
