@@ -1,4 +1,4 @@
-"""The ``tdcompress`` command: the pipeline, its single stages, the demo, export and
+"""The ``tdcompress`` command: the pipeline, its single stages, the demo, export, bench and
 download.
 
 An error the user can cause (a missing or corrupt file, a malformed config, a bad setting)
@@ -90,7 +90,43 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the ONNX exporter's per-node provenance (module path, FX node): a larger file",
     )
+    ex.add_argument(
+        "--execution-choice",
+        action="store_true",
+        help="let each factorized layer measure here whether it runs faster factorized or "
+        "through its kernel rebuilt from the cores (folded by the runtime at load; the file "
+        "keeps the compressed size), and export that",
+    )
     ex.add_argument("--output", help="file to write (default: <out_dir>/model.<format>)")
+    bp = sub.add_parser(
+        "bench",
+        help="the run's dense and compressed models side by side: latency in eager, "
+        "torch.compile and ONNX Runtime, file size, peak memory",
+    )
+    common(bp, force=False)
+    bp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="N")
+    bp.add_argument("--threads", type=int, nargs="+", default=[1], metavar="N")
+    bp.add_argument(
+        "--runtimes",
+        nargs="+",
+        default=["eager", "compile", "onnxruntime"],
+        choices=["eager", "compile", "onnxruntime"],
+        help="default: all three (onnxruntime needs pip install 'tdcompress[deploy]')",
+    )
+    bp.add_argument("--repeats", type=int, default=15, help="interleaved repeats (default: 15)")
+    bp.add_argument(
+        "--weights",
+        choices=["finetuned", "decomposed"],
+        default="finetuned",
+        help="the compressed model (default: finetuned)",
+    )
+    bp.add_argument(
+        "--no-choice",
+        action="store_true",
+        help="run every factorized layer factorized (no per-layer execution choice)",
+    )
+    bp.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    bp.add_argument("--output", help="JSON to write (default: <out_dir>/bench.json)")
     from tdcompress.data.download import SOURCES
 
     dl = sub.add_parser(
@@ -172,6 +208,23 @@ def _main(args: argparse.Namespace) -> int:
     if args.out_dir:
         cfg.runtime.out_dir = args.out_dir
     pipe = Pipeline(cfg)
+    if args.command == "bench":
+        from tdcompress.bench import bench_run, format_table
+
+        doc = bench_run(
+            pipe,
+            weights=args.weights,
+            out=args.output,
+            batch_sizes=args.batch_sizes,
+            threads=args.threads,
+            runtimes=args.runtimes,
+            repeats=args.repeats,
+            choose=not args.no_choice,
+            memory=not args.no_memory,
+        )
+        print(format_table(doc))
+        print(f"\nwritten: {doc['meta']['written_to']}")
+        return 0
     if args.command == "export":
         try:
             res = pipe.export(
@@ -181,6 +234,7 @@ def _main(args: argparse.Namespace) -> int:
                 args.batch_size,
                 args.dynamic_batch,
                 args.debug_metadata,
+                args.execution_choice,
             )
         except (TypeError, RuntimeError) as e:  # (the exported file failing its check)
             if args.debug:

@@ -250,14 +250,11 @@ def export_model(
                 if not single:
                     extra["input_names"] = list(names)
                     extra["output_names"] = [_onnx_name(n) for n in out_names]
-                torch.onnx.export(
-                    target,
-                    tuple(trace),
-                    tmp,
-                    verbose=False,
-                    external_data=big > 1.5e9,
-                    **extra,
+                program = torch.onnx.export(
+                    target, tuple(trace), None, verbose=False, optimize=False, **extra
                 )
+                _optimize_onnx(program)
+                program.save(tmp, external_data=big > 1.5e9)
                 if not debug_metadata:
                     _strip_node_metadata(tmp)
         diff, how = None, None
@@ -460,6 +457,28 @@ def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
     cl = is_channels_last(like)
     return t.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+#: the largest constant (elements) the ONNX graph optimizer may fold into a bigger one than
+#: the constants it replaces: shape arithmetic, not a kernel rebuilt from its cores
+ONNX_FOLD_GROWTH_LIMIT = 256
+
+
+def _optimize_onnx(program: object) -> None:
+    """What ``torch.onnx.export(optimize=True)`` does (onnxscript's constant folding and
+    fusions), except that no weight-only subgraph is folded into a constant larger than its
+    inputs: a kernel rebuilt from factorized cores (a layer running its "rebuilt" execution
+    mode, or a plan merging cores) stays a subgraph of the cores, so the file keeps the
+    compressed size, and ONNX Runtime folds the subgraph once when it loads the file."""
+    import onnxscript.optimizer
+
+    model = program.model  # type: ignore[attr-defined]
+    onnxscript.optimizer.optimize_ir(model, output_size_limit=ONNX_FOLD_GROWTH_LIMIT)
+    try:
+        from onnxscript.rewriter import onnx_fusions
+    except ImportError:  # (older onnxscript: no fusions)
+        return
+    onnx_fusions.fuse(model)
 
 
 def _strip_node_metadata(path: Path) -> None:

@@ -727,12 +727,17 @@ class Pipeline:
         batch_size: int = 1,
         dynamic_batch: bool = False,
         debug_metadata: bool = False,
+        choose_execution: bool = False,
     ) -> ExportResult:
         """Write the run's ``weights`` model ("finetuned", "decomposed" or "dense") as
         ``format`` ("onnx" or "pt2") for inputs of ``batch_size`` samples (any batch size
         with ``dynamic_batch``, planned for ``batch_size`` but at least 2; ``debug_metadata``
         keeps ONNX's per-node provenance), checked against
-        the eager model (:func:`tdcompress.export.export_model`). Default ``path``:
+        the eager model (:func:`tdcompress.export.export_model`). ``choose_execution``: the
+        factorized layers first measure here whether they run faster factorized or through
+        their kernel rebuilt from the cores (as folded at load by the runtime:
+        :func:`tdcompress.layers.choose_execution` with ``folded=True``); the rebuilt ones are
+        subgraphs of the cores in the file, which keeps the compressed size. Default ``path``:
         ``<out_dir>/model.<format>`` (``model-<weights>.<format>`` for the other weights)."""
         from tdcompress.export import EXPORT_FORMATS, export_model
 
@@ -768,6 +773,13 @@ class Pipeline:
             model = self.compressed_model(ckpt.name)
         gen = torch.Generator().manual_seed(self.cfg.seed)
         x = torch.randn((batch_size, *self.input_shape()[1:]), generator=gen).to(self.device)
+        if choose_execution:
+            from tdcompress.layers import choose_execution as choose
+
+            shapes = [tuple(x.shape)]
+            if dynamic_batch and batch_size == 1:  # (the graph runs the plans of batch 2)
+                shapes.append((2, *x.shape[1:]))
+            choose(model, shapes, folded=True)
         if path is None:
             tag = "" if weights == "finetuned" else f"-{weights}"
             path = self.out / f"model{tag}{EXPORT_FORMATS[format]}"

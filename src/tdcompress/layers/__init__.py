@@ -1,7 +1,18 @@
 """Factorized nn.Modules: the Linear/Conv2d layers each with ``from_dense(...)`` and
-``to_dense()``; ``FactorizedLSTM.from_lstm(...)``."""
+``to_dense()``; ``FactorizedLSTM.from_lstm(...)``; :func:`choose_execution` (run each
+layer factorized or through its dense kernel rebuilt from the cores, whichever measures
+faster)."""
 
-from tdcompress.layers._base import warm_plans
+from tdcompress.layers._base import (
+    EXECUTION_MODES,
+    ExecutionRecord,
+    choose_execution,
+    clear_execution,
+    execution_modes,
+    rebuilt_layers,
+    set_execution,
+    warm_plans,
+)
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
 from tdcompress.layers.lstm import FactorizedLSTM
 from tdcompress.layers.tr import TRConv2d, TRLinear
@@ -9,6 +20,13 @@ from tdcompress.layers.tt import TTConv2d, TTLinear
 from tdcompress.layers.tucker2 import Tucker2Conv2d
 
 __all__ = [
+    "EXECUTION_MODES",
+    "ExecutionRecord",
+    "choose_execution",
+    "clear_execution",
+    "execution_modes",
+    "rebuilt_layers",
+    "set_execution",
     "FactorizedLSTM",
     "LowRankConv2d",
     "LowRankLinear",

@@ -53,6 +53,16 @@ __all__ = [
     "structural_spec",
     "load_with_record",
     "FactorizedWeight",
+    "EXECUTION_MODES",
+    "ExecutionRecord",
+    "choose_execution",
+    "clear_execution",
+    "execution_key",
+    "execution_modes",
+    "rebuilt_forward",
+    "rebuilt_layers",
+    "run_chosen",
+    "set_execution",
 ]
 
 
@@ -918,6 +928,10 @@ class FactorizedLayer(nn.Module):
 
     format_name: ClassVar[str]
     kind: ClassVar[str]
+    #: execution choice by input-shape key (see :func:`choose_execution`); each layer gets
+    #: its own dict when built, this empty default only serves layers unpickled from older
+    #: versions (never mutated: :func:`set_execution` gives the layer its own first)
+    _execution: dict[tuple[Any, ...], str] = {}
 
     geometry: LayerGeometry
     spec: FactorSpec
@@ -934,6 +948,7 @@ class FactorizedLayer(nn.Module):
         self.spec = spec
         self.structure = structure_of(geometry, spec)
         self._plans: dict[tuple[int, ...], Any] = {}
+        self._execution = {}
         kw = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(s, **kw)) for s in self.structure.shapes]
@@ -1078,6 +1093,9 @@ def conv_forward(
             f"{type(layer).__name__}: input must have shape (N, {g.in_features}, H, W), "
             f"got {tuple(x.shape)}"
         )
+    chosen = run_chosen(layer, x)
+    if chosen is not None:
+        return chosen
     # B plans (the reshapes leave the batch to run time: -1); H and W are static
     B, H, W = batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3])
     # channels_last input: 1x1 stages as convs (GEMMs on the NHWC layout), output NHWC
@@ -1220,6 +1238,9 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
             f"{type(layer).__name__}: input must have last dimension {g.in_features}, "
             f"got shape {tuple(x.shape)}"
         )
+    chosen = run_chosen(layer, x)
+    if chosen is not None:
+        return chosen
     lead = x.shape[:-1]  # (symbolic under a dynamic-batch export: left to run time)
     key = (batch_key(math.prod(lead)) if lead else 1,)
     plan = layer._plans.get(key)
@@ -1230,3 +1251,260 @@ def linear_forward(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor:
     y = run_steps(plan, [x.reshape(-1, *st.inf), *layer.cores])
     y = y.reshape(*lead, g.out_features)
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
+
+
+# ---- execution choice: factorized contraction or dense kernel rebuilt from the cores --------
+#
+# Kept apart from the plan caches above: a layer's ``_execution`` maps an input-shape key
+# (:func:`execution_key`) to a mode of :data:`EXECUTION_MODES`. It is empty unless
+# :func:`choose_execution` (or :func:`set_execution`) filled it, and then the forward runs
+# "rebuilt" keys as one dense op on ``to_dense()``. The choice is a measurement of this
+# machine, so it is not part of the state dict (nor of the layer's extra-state record): a
+# model loaded elsewhere runs factorized until chosen again there.
+
+#: how a factorized layer runs an input shape: ``"factorized"`` (its planned contraction of
+#: the activation with the cores) or ``"rebuilt"`` (the dense weight computed from the cores
+#: inside the forward, then one ``F.linear``/``F.conv2d``; in an exported graph the rebuild
+#: is a subgraph of the cores, which a runtime folds once at load)
+EXECUTION_MODES = ("factorized", "rebuilt")
+
+
+def execution_key(layer: FactorizedLayer, x: torch.Tensor) -> tuple[Any, ...]:
+    """The key of ``layer``'s execution choice for the input ``x``: ``(rows,)`` for a
+    linear layer, ``(batch, H, W)`` for a conv; the batch entry is :func:`batch_key`'s
+    (:data:`DYNAMIC` while ``torch.compile`` traces a batch >= 2). The memory layout is not
+    part of it: a layer's input layout may depend on the modes of the layers before it."""
+    if layer.geometry.kind == "linear":
+        lead = x.shape[:-1]
+        return (batch_key(math.prod(lead)) if lead else 1,)
+    return (batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3]))
+
+
+def rebuilt_forward(
+    layer: FactorizedLayer, x: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``layer``'s output through its dense weight: ``weight`` (precomputed) or
+    ``layer.to_dense()`` rebuilt here (differentiable: gradients reach the cores)."""
+    w = layer.to_dense() if weight is None else weight
+    g = layer.geometry
+    if g.kind == "linear":
+        return F.linear(x, w, layer.bias)
+    # the weight in the input's layout: ATen gives the conv output the weight's layout when
+    # they differ, and a rebuilt weight may have any strides
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return F.conv2d(
+        x,
+        w.contiguous(memory_format=fmt),
+        layer.bias,
+        stride=g.stride,
+        padding=g.padding,
+        dilation=g.dilation,
+        groups=g.groups,
+    )
+
+
+def run_chosen(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor | None:
+    """The forward of a layer whose execution choice for ``x`` is ``"rebuilt"``; ``None``
+    otherwise (the caller runs its factorized plan). Called by every factorized forward once
+    its input is validated; a lookup in a plain dict, so ``torch.compile`` traces it as a
+    constant (no graph break; a changed choice recompiles through the dict's guard)."""
+    modes = layer._execution
+    if modes and modes.get(execution_key(layer, x)) == "rebuilt":
+        return rebuilt_forward(layer, x)
+    return None
+
+
+def set_execution(layer: FactorizedLayer, key: tuple[Any, ...], mode: str) -> None:
+    """Make ``layer`` run inputs of ``key`` (:func:`execution_key`) in ``mode``."""
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"mode must be one of {list(EXECUTION_MODES)}, got {mode!r}")
+    if "_execution" not in layer.__dict__:  # (a layer unpickled from an older tdcompress)
+        layer._execution = {}
+    layer._execution[tuple(key)] = mode
+
+
+def execution_modes(model: nn.Module) -> dict[str, dict[tuple[Any, ...], str]]:
+    """Every factorized layer's chosen modes by key, by module name (empty: factorized)."""
+    return {name: dict(m._execution) for name, m in model.named_modules() if _is_factorized(m)}
+
+
+def rebuilt_layers(model: nn.Module) -> list[str]:
+    """Names of the factorized layers of ``model`` that run some input shape rebuilt."""
+    return [n for n, modes in execution_modes(model).items() if "rebuilt" in modes.values()]
+
+
+def clear_execution(model: nn.Module) -> None:
+    """Forget every execution choice: all factorized layers run factorized again."""
+    for m in model.modules():
+        if _is_factorized(m) and m._execution:
+            m._execution = {}
+
+
+def _is_factorized(m: nn.Module) -> bool:
+    return isinstance(m, FactorizedLayer)
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    """One layer's execution choice for one input shape (:func:`choose_execution`):
+    median seconds of each mode (``None`` when forced) and the mode chosen."""
+
+    layer: str
+    input_shape: tuple[int, ...]
+    key: tuple[Any, ...]
+    mode: str
+    factorized_s: float | None = None
+    rebuilt_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "input_shape": list(self.input_shape),
+            "key": list(self.key),
+            "mode": self.mode,
+            "factorized_s": self.factorized_s,
+            "rebuilt_s": self.rebuilt_s,
+        }
+
+
+def choose_execution(
+    model: nn.Module,
+    input_shapes: Sequence[Sequence[int]],
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    folded: bool = False,
+    margin: float = 0.02,
+    force: str | None = None,
+    channels_last: bool = False,
+    device: torch.device | str | None = None,
+) -> list[ExecutionRecord]:
+    """Measure, for every factorized layer of ``model`` and every input shape, whether its
+    factorized contraction or the dense kernel rebuilt from its cores runs faster here, and
+    make the layer run the faster one (for that shape; other shapes stay as they were).
+
+    Each layer is timed on the input it gets in a forward of zeros of each shape (eval mode,
+    no grad; BatchNorm statistics untouched), on the model's device, both modes interleaved
+    ``warmup + repeats`` times; the medians of the last ``repeats`` decide. ``rebuilt`` wins
+    only when at least ``margin`` (a fraction) faster. ``folded``: time the rebuilt mode with
+    the dense weight computed once, as a runtime that folds the rebuild at load runs it
+    (ONNX Runtime, a frozen compiled graph); by default the rebuild is timed in every call,
+    as eager PyTorch runs it. ``force``: set that mode everywhere without timing. Plans are
+    warmed first (:func:`warm_plans`); a shape with a batch >= 2 also sets the choice for a
+    batch ``torch.compile`` leaves symbolic (that of the largest such batch), so call this
+    before compiling or exporting. Returns one record per layer and key."""
+    if force is not None and force not in EXECUTION_MODES:
+        raise ValueError(f"force must be None or one of {list(EXECUTION_MODES)}, got {force!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    named = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
+    if not named:
+        return []
+    warm_plans(model, input_shapes, channels_last=channels_last, device=device)
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if device is None:
+        device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    records: list[ExecutionRecord] = []
+    was = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for shape in input_shapes:
+                seen: list[tuple[str, FactorizedLayer, tuple[Any, ...], torch.Tensor]] = []
+                handles = [m.register_forward_pre_hook(_grab(n, seen)) for n, m in named]
+                try:
+                    x = torch.zeros(tuple(shape), device=device, dtype=dtype)
+                    if channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    model(x)
+                finally:
+                    for h in handles:
+                        h.remove()
+                done: set[tuple[int, tuple[Any, ...]]] = set()
+                for name, layer, key, xin in seen:
+                    if (id(layer), key) in done:  # (a module called twice per forward)
+                        continue
+                    done.add((id(layer), key))
+                    if force is not None:
+                        set_execution(layer, key, force)
+                        records.append(ExecutionRecord(name, tuple(xin.shape), key, force))
+                        continue
+                    t_f, t_r = _time_modes(layer, key, xin, repeats, warmup, folded)
+                    mode = "rebuilt" if t_r < t_f * (1.0 - margin) else "factorized"
+                    set_execution(layer, key, mode)
+                    records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
+    finally:
+        for m, t in zip(model.modules(), was):
+            m.training = t
+    for _, m in named:  # a batch left symbolic: the choice of the largest batch of that shape
+        for rest in {k[1:] for k in m._execution if k[0] >= 2}:
+            big = max(k[0] for k in m._execution if k[0] >= 2 and k[1:] == rest)
+            m._execution[(DYNAMIC, *rest)] = m._execution[(big, *rest)]
+    return records
+
+
+def _grab(name: str, sink: list) -> Callable[..., None]:
+    """A forward pre-hook appending ``(name, module, key, copy of the input)`` to ``sink``."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]  # (the key of the input itself: a copy may have other strides)
+        sink.append((name, mod, execution_key(mod, x), _copy_strided(x)))  # type: ignore[arg-type]
+
+    return hook
+
+
+def _time_modes(
+    layer: FactorizedLayer,
+    key: tuple[Any, ...],
+    x: torch.Tensor,
+    repeats: int,
+    warmup: int,
+    folded: bool,
+) -> tuple[float, float]:
+    """Median seconds of ``layer(x)`` factorized and rebuilt, interleaved (the order
+    alternating per repeat), synchronising the device around each call."""
+    import time
+
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    weight = layer.to_dense() if folded else None
+
+    def factorized() -> None:
+        set_execution(layer, key, "factorized")
+        layer(x)
+
+    def rebuilt() -> None:
+        if folded:
+            rebuilt_forward(layer, x, weight)
+        else:
+            set_execution(layer, key, "rebuilt")
+            layer(x)
+
+    times: dict[str, list[float]] = {"f": [], "r": []}
+    for k in range(warmup + repeats):
+        pair = [("f", factorized), ("r", rebuilt)]
+        for tag, fn in pair if k % 2 == 0 else pair[::-1]:
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if k >= warmup:
+                times[tag].append(time.perf_counter() - t0)
+    return _median(times["f"]), _median(times["r"])
+
+
+def _copy_strided(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with its strides (the layers plan by layout; ``clone`` keeps the
+    strides of dense tensors only)."""
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return y.copy_(x.detach())
+
+
+def _median(v: Sequence[float]) -> float:
+    s = sorted(v)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])

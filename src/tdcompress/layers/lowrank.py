@@ -23,6 +23,7 @@ from tdcompress.layers._base import (
     init_skipped,
     is_channels_last,
     planned_batch,
+    run_chosen,
 )
 
 __all__ = [
@@ -80,6 +81,7 @@ class SmallFactorizedLayer(FactorizedLayer):
         self.geometry = geometry
         self.spec = spec
         self._plans: dict[tuple[int, ...], str] = {}
+        self._execution = {}
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(s, **kw)) for s in shapes])
         if geometry.bias:
@@ -188,6 +190,9 @@ class LowRankLinear(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have last dimension {g.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
+        chosen = run_chosen(self, x)
+        if chosen is not None:
+            return chosen
         rows = batch_key(math.prod(x.shape[:-1]))
         plan = self._plan((rows,), lambda b: lowrank_plans(g, self.rank, b))
         A, B = self.cores[0], self.cores[1]
@@ -280,6 +285,9 @@ class LowRankConv2d(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have shape (N, {g.in_features}, H, W), "
                 f"got {tuple(x.shape)}"
             )
+        chosen = run_chosen(self, x)
+        if chosen is not None:
+            return chosen
         n, h, w = batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3])
         plan = self._plan((n, h, w), lambda b: lowrank_plans(g, self.rank, b, (h, w)))
         conv = {"stride": g.stride, "padding": g.padding, "dilation": g.dilation}

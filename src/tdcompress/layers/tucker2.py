@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import tdcompress.formats.tucker2  # noqa: F401  (registers the "tucker2" format)
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.formats.tucker2 import reconstruct_order, tucker2_plans
-from tdcompress.layers._base import FactorizedLayer, batch_key
+from tdcompress.layers._base import FactorizedLayer, batch_key, run_chosen
 from tdcompress.layers.lowrank import (
     SmallFactorizedLayer,
     _conv_repr,
@@ -125,6 +125,9 @@ class Tucker2Conv2d(SmallFactorizedLayer):
                 f"{type(self).__name__}: input must have shape (N, {g.in_features}, H, W), "
                 f"got {tuple(x.shape)}"
             )
+        chosen = run_chosen(self, x)
+        if chosen is not None:
+            return chosen
         n, h, w = batch_key(x.shape[0]), int(x.shape[2]), int(x.shape[3])
         ranks = tuple(self.spec.ranks)
         plan = self._plan((n, h, w), lambda b: tucker2_plans(g, ranks, b, (h, w)))

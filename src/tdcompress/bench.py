@@ -1,0 +1,361 @@
+"""``tdcompress bench CONFIG``: a run's dense and compressed models side by side, as deployed.
+
+For each runtime (PyTorch eager, ``torch.compile``, ONNX Runtime), thread count and batch
+size: forward latency (eval, no grad, fp32, CPU) of the dense model and of the compressed
+one, the medians of interleaved repeats (every case timed once per repeat, so that load
+drifts hit them alike), and the ratio ``dense / compressed`` (above 1: the compressed model
+is faster). Beside them: parameters, planned MACs per sample, the ONNX file size, and the
+peak resident memory of a fresh process that loads the model and runs one forward at the
+largest batch (eager and ONNX Runtime).
+
+The compressed model first makes its per-layer execution choice
+(:func:`tdcompress.layers.choose_execution`): for eager and compiled PyTorch timing the
+rebuild in every call, for ONNX Runtime as folded at load (``folded=True``); the layers that
+run rebuilt are listed per runtime. Timings on a loaded machine are not results: rerun on a
+quiet one (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["RUNTIMES", "bench_models", "bench_run", "format_table"]
+
+#: the runtimes ``tdcompress bench`` times
+RUNTIMES = ("eager", "compile", "onnxruntime")
+
+
+def _check_args(
+    batch_sizes: Sequence[int], threads: Sequence[int], runtimes: Sequence[str], repeats: int
+) -> None:
+    for name, vals in (("batch_sizes", batch_sizes), ("threads", threads)):
+        if not vals or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
+            raise ValueError(f"{name} must be ints >= 1, got {list(vals)!r}")
+    bad = [r for r in runtimes if r not in RUNTIMES]
+    if not runtimes or bad:
+        raise ValueError(f"runtimes must be some of {list(RUNTIMES)}, got {list(runtimes)!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if "onnxruntime" in runtimes:
+        import importlib.util
+
+        for mod in ("onnxruntime", "onnx", "onnxscript"):
+            if importlib.util.find_spec(mod) is None:
+                raise ImportError(
+                    f"the onnxruntime runtime needs the {mod!r} package: "
+                    "pip install 'tdcompress[deploy]' (or leave onnxruntime out of --runtimes)"
+                )
+
+
+def bench_models(
+    models: dict[str, nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    threads: Sequence[int] = (1,),
+    runtimes: Sequence[str] = RUNTIMES,
+    repeats: int = 15,
+    choose: bool = True,
+    choice_repeats: int = 20,
+    memory: bool = True,
+    macs: dict[str, int | None] | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Time ``models`` (label -> model; the first is the reference, e.g. ``"dense"``) on
+    inputs of ``(batch, *input_shape[1:])``, on CPU. ``choose``: let the factorized layers
+    make their execution choice first. ``memory``: also measure the peak memory of a fresh
+    process per model and runtime (eager, ONNX Runtime). Returns the JSON-able document
+    :func:`format_table` prints."""
+    batch_sizes = list(dict.fromkeys(batch_sizes))
+    threads = list(dict.fromkeys(threads))
+    runtimes = list(dict.fromkeys(runtimes))
+    _check_args(batch_sizes, threads, runtimes, repeats)
+    from tdcompress.export import export_model
+    from tdcompress.layers import choose_execution, rebuilt_layers
+
+    shape = tuple(int(v) for v in input_shape[1:])
+    shapes = [(b, *shape) for b in batch_sizes]
+    tmp = Path(tempfile.mkdtemp(prefix="tdcompress-bench-", dir=workdir))
+    info: dict[str, dict[str, Any]] = {}
+    fns: dict[tuple[str, str, int, int], Callable[[], float]] = {}
+    old_threads = torch.get_num_threads()
+    try:
+        prepared: dict[tuple[str, str], nn.Module] = {}
+        for label, model in models.items():
+            model = copy.deepcopy(model).cpu().float().eval()
+            rec: dict[str, Any] = {
+                "params": sum(p.numel() for p in model.parameters()),
+                "macs_per_sample": None if macs is None else macs.get(label),
+                "rebuilt_layers": {},
+            }
+            for rt in runtimes:
+                m = copy.deepcopy(model)
+                if choose:
+                    torch.set_num_threads(threads[0])
+                    choose_execution(m, shapes, repeats=choice_repeats, folded=rt == "onnxruntime")
+                    rec["rebuilt_layers"][rt] = rebuilt_layers(m)
+                prepared[(label, rt)] = m
+            if "onnxruntime" in runtimes:
+                m = prepared[(label, "onnxruntime")]
+                x1 = torch.randn(1, *shape)
+                res = export_model(m, x1, tmp / f"{label}-b1.onnx")
+                rec["onnx_bytes"] = res.file_bytes
+            info[label] = rec
+        for t in threads:
+            torch.set_num_threads(t)
+            for (label, rt), m in prepared.items():
+                for b in batch_sizes:
+                    fns[(label, rt, t, b)] = _forward(m, rt, (b, *shape), t, tmp / label)
+        times: dict[tuple[str, str, int, int], list[float]] = {k: [] for k in fns}
+        for t in threads:
+            torch.set_num_threads(t)
+            keys = [k for k in fns if k[2] == t]
+            for _ in range(repeats):  # interleaved
+                for k in keys:
+                    times[k].append(fns[k]())
+        if memory:
+            big = (max(batch_sizes), *shape)
+            for label in models:
+                info[label]["peak_rss_mib"] = {}
+                for rt in ("eager", "onnxruntime"):
+                    if rt in runtimes:
+                        info[label]["peak_rss_mib"][rt] = _peak_rss(
+                            prepared[(label, rt)], rt, big, threads[0], tmp / f"mem-{label}"
+                        )
+    finally:
+        torch.set_num_threads(old_threads)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    ref = next(iter(models))
+    rows = []
+    for (label, rt, t, b), ts in times.items():
+        med = statistics.median(ts)
+        ref_med = statistics.median(times[(ref, rt, t, b)])
+        rows.append(
+            {
+                "model": label,
+                "runtime": rt,
+                "threads": t,
+                "batch": b,
+                "ms": 1000 * med,
+                "speedup_vs_" + ref: ref_med / med,
+            }
+        )
+    return {
+        "meta": {
+            "torch": torch.__version__,
+            "onnxruntime": _version("onnxruntime"),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "repeats": repeats,
+            "execution_choice": choose,
+            "input_shape": list(shape),
+            "reference": ref,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "models": info,
+        "rows": rows,
+    }
+
+
+def _version(mod: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def _forward(
+    model: nn.Module, runtime: str, shape: tuple[int, ...], threads: int, folder: Path
+) -> Callable[[], float]:
+    """A timed forward (seconds per call) of ``model`` in ``runtime`` at ``shape``, warmed."""
+    x = torch.randn(shape)
+    calls = max(1, 8 // shape[0])  # several calls at small batches: a few ms per sample
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        from tdcompress.export import export_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"b{shape[0]}.onnx"
+        export_model(model, x, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+
+        def call() -> None:
+            sess.run(None, feed)
+
+    else:
+        m = model
+        if runtime == "compile":
+            from tdcompress.layers import warm_plans
+
+            warm_plans(model, [shape])
+            m = torch.compile(model, dynamic=False)
+
+        def call() -> None:
+            with torch.no_grad():
+                m(x)
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        return (time.perf_counter() - t0) / calls
+
+    run()  # warm-up: plans, allocator, the compile, the session's first run
+    run()
+    return run
+
+
+def _peak_rss(
+    model: nn.Module, runtime: str, shape: tuple[int, ...], threads: int, folder: Path
+) -> dict[str, float]:
+    """Peak resident memory (MiB) of a fresh process: after its imports (``baseline``) and
+    after loading the model and running one forward of ``shape`` (``peak``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if runtime == "onnxruntime":
+        from tdcompress.export import export_model
+
+        path = folder / "m.onnx"
+        export_model(model, torch.randn(shape), path)
+    else:
+        path = folder / "m.pt"
+        torch.save(model, path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        base, peak = pool.apply(_child_rss, (str(path), runtime, shape, threads))
+    return {"baseline": base, "peak": peak, "model_and_forward": peak - base}
+
+
+def _child_rss(
+    path: str, runtime: str, shape: tuple[int, ...], threads: int
+) -> tuple[float, float]:
+    import resource
+
+    import numpy as np
+
+    def rss() -> float:  # ru_maxrss: KiB on Linux, bytes on macOS
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r / (1024 * 1024) if platform.system() == "Darwin" else r / 1024
+
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        base = rss()
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: x})
+        return base, rss()
+    torch.set_num_threads(threads)
+    base = rss()
+    model = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        model(torch.from_numpy(x))
+    return base, rss()
+
+
+def bench_run(
+    pipe: Any,
+    *,
+    weights: str = "finetuned",
+    out: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`bench_models` on a pipeline run's dense model (``dense.pt``; the untrained
+    architecture when the run deferred it: latency and size do not depend on the weights)
+    and its ``weights`` model ("finetuned" or "decomposed"); writes the document to ``out``
+    (default ``<out_dir>/bench.json``) and returns it."""
+    from tdcompress.train.checkpoint import atomic_write_text, load_checkpoint
+
+    if weights not in ("finetuned", "decomposed"):
+        raise ValueError(f"weights must be one of ['decomposed', 'finetuned'], got {weights!r}")
+    ckpt = pipe.out / f"{weights}.pt"
+    if not ckpt.is_file():
+        stage = {"finetuned": "finetune", "decomposed": "decompose"}[weights]
+        raise FileNotFoundError(
+            f"{str(ckpt)!r} does not exist: run the {stage} stage of this config first"
+        )
+    dense = pipe.dense_model()
+    dense_note = "dense.pt"
+    if (pipe.out / "dense.pt").is_file():
+        dense.load_state_dict(load_checkpoint(pipe.out / "dense.pt", "cpu")["model"])
+    else:
+        dense_note = "architecture only (no dense.pt; timings do not depend on weights)"
+    comp = pipe.compressed_model(ckpt.name)
+    plan = pipe.load_plan()
+    macs = {"dense": plan.model_macs, "compressed": plan.compressed_macs}
+    sample = (1, *pipe.input_shape()[1:])
+    macs = {k: None if v is None else int(v) for k, v in macs.items()}
+    doc = bench_models(
+        {"dense": dense, "compressed": comp}, sample, macs=macs, workdir=pipe.out, **kwargs
+    )
+    doc["meta"].update({"run": str(pipe.out), "weights": weights, "dense_weights": dense_note})
+    path = Path(out) if out is not None else pipe.out / "bench.json"
+    atomic_write_text(path, json.dumps(doc, indent=2))
+    doc["meta"]["written_to"] = str(path)
+    return doc
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The side-by-side table of a :func:`bench_models` document."""
+    ref = doc["meta"]["reference"]
+    labels = list(doc["models"])
+    other = [x for x in labels if x != ref]
+    lines = []
+    for label, rec in doc["models"].items():
+        m = rec.get("macs_per_sample")
+        parts = [f"{label}: {rec['params']:,} params"]
+        if m is not None:
+            parts.append(f"{m / 1e6:.3g} MMACs/sample")
+        if "onnx_bytes" in rec:
+            parts.append(f"ONNX {rec['onnx_bytes'] / 1024:.1f} KiB")
+        for rt, mem in rec.get("peak_rss_mib", {}).items():
+            parts.append(f"peak RSS {rt} +{mem['model_and_forward']:.2f} MiB")
+        lines.append(", ".join(parts))
+        for rt, names in rec.get("rebuilt_layers", {}).items():
+            if names:
+                lines.append(f"  runs rebuilt in {rt}: {', '.join(names)}")
+    lines.append("")
+    head = f"{'runtime':12} {'threads':>7} {'batch':>5} " + " ".join(
+        f"{x + ' ms':>14}" for x in labels
+    )
+    head += "".join(f" {x + ' speedup':>20}" for x in other)
+    lines.append(head)
+    by = {(r["model"], r["runtime"], r["threads"], r["batch"]): r for r in doc["rows"]}
+    cases = sorted(
+        {(r["runtime"], r["threads"], r["batch"]) for r in doc["rows"]},
+        key=lambda c: (RUNTIMES.index(c[0]), c[1], c[2]),
+    )
+    for rt, t, b in cases:
+        row = f"{rt:12} {t:7d} {b:5d} " + " ".join(
+            f"{by[(x, rt, t, b)]['ms']:14.3f}" for x in labels
+        )
+        for x in other:
+            s = by[(x, rt, t, b)]["speedup_vs_" + ref]
+            row += f" {s:19.2f}x" if math.isfinite(s) else f" {'n/a':>20}"
+        lines.append(row)
+    return "\n".join(lines)

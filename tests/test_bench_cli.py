@@ -1,0 +1,89 @@
+"""``tdcompress bench CONFIG`` on a tiny finished run: the side-by-side document's structure
+and that every number is finite (timings are not asserted: see docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tdcompress.cli import main
+from test_cli import error_line, write_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    cfg = write_cfg(tmp)
+    assert main(["pipeline", str(cfg)]) == 0
+    return cfg
+
+
+def test_bench_prints_and_writes_dense_and_compressed_side_by_side(tiny_run, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tiny_run.parent / "b.json"
+    argv = ["bench", str(tiny_run), "--batch-sizes", "1", "3", "--repeats", "2"]
+    argv += ["--runtimes", "eager", "onnxruntime", "--output", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "compressed speedup" in text and f"written: {out}" in text
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["reference"] == "dense" and doc["meta"]["execution_choice"] is True
+    assert set(doc["models"]) == {"dense", "compressed"}
+    dense, comp = doc["models"]["dense"], doc["models"]["compressed"]
+    assert comp["params"] < dense["params"]
+    assert comp["onnx_bytes"] < dense["onnx_bytes"]  # the file keeps the compressed size
+    assert set(comp["rebuilt_layers"]) == {"eager", "onnxruntime"}
+    assert dense["rebuilt_layers"] == {"eager": [], "onnxruntime": []}
+    for rec in (dense, comp):
+        assert rec["macs_per_sample"] > 0
+        for mem in rec["peak_rss_mib"].values():
+            assert math.isfinite(mem["peak"]) and mem["peak"] >= mem["baseline"] > 0
+    cases = {(r["model"], r["runtime"], r["threads"], r["batch"]) for r in doc["rows"]}
+    assert cases == {
+        (m, rt, 1, b)
+        for m in ("dense", "compressed")
+        for rt in ("eager", "onnxruntime")
+        for b in (1, 3)
+    }
+    for r in doc["rows"]:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+        assert math.isfinite(r["speedup_vs_dense"]) and r["speedup_vs_dense"] > 0
+        if r["model"] == "dense":
+            assert r["speedup_vs_dense"] == 1.0
+
+
+def test_bench_without_choice_or_memory_and_bad_settings(tiny_run, capsys):
+    argv = ["bench", str(tiny_run), "--batch-sizes", "2", "--repeats", "1", "--no-choice"]
+    argv += ["--no-memory", "--runtimes", "eager"]
+    assert main(argv) == 0
+    doc = json.loads((tiny_run.parent / "run" / "bench.json").read_text())
+    assert doc["meta"]["execution_choice"] is False
+    assert "peak_rss_mib" not in doc["models"]["compressed"]
+    assert [r["runtime"] for r in doc["rows"]] == ["eager", "eager"]
+    error_line(
+        capsys,
+        ["bench", str(tiny_run), "--batch-sizes", "0", "--runtimes", "eager"],
+        "batch_sizes must be ints >= 1, got [0]",
+    )
+    error_line(
+        capsys,
+        ["bench", str(tiny_run), "--repeats", "0", "--runtimes", "eager"],
+        "repeats must be an int >= 1, got 0",
+    )
+
+
+def test_export_with_the_execution_choice_keeps_the_compressed_file(tiny_run, capsys):
+    pytest.importorskip("onnxscript")
+    run = tiny_run.parent / "run"
+    base = ["export", str(tiny_run), "--batch-size", "4", "--format", "onnx"]
+    assert main([*base, "--output", str(run / "chosen.onnx"), "--execution-choice"]) == 0
+    assert "chosen.onnx (onnx" in capsys.readouterr().out
+    assert main([*base, "--output", str(run / "dense.onnx"), "--weights", "dense"]) == 0
+    assert main([*base, "--output", str(run / "plain.onnx")]) == 0
+    chosen, plain = (run / "chosen.onnx").stat().st_size, (run / "plain.onnx").stat().st_size
+    assert chosen < (run / "dense.onnx").stat().st_size
+    assert abs(chosen - plain) < 0.25 * plain  # whatever ran rebuilt: the cores, not kernels

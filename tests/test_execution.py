@@ -1,0 +1,251 @@
+"""Per-layer execution choice (issue 21): each factorized layer runs an input shape either
+factorized or through the dense kernel rebuilt from its cores. Oracles: the two modes agree
+in float64 (outputs and gradients), the rebuilt mode really runs one dense op per layer, an
+exported graph with rebuilt layers keeps the cores (compressed size), and torch.compile
+traces either mode without a graph break."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from tdcompress.layers import (
+    EXECUTION_MODES,
+    TTConv2d,
+    TTLinear,
+    _base,
+    choose_execution,
+    clear_execution,
+    execution_modes,
+    rebuilt_layers,
+    set_execution,
+)
+from tdcompress.layers._base import DYNAMIC, FactorizedLayer
+
+FACTORIZED = ["3", "4", "5", "6", "10", "12"]  # the factorized layers of factorized_net
+
+
+class _CountDenseOps(TorchFunctionMode):
+    """Counts F.conv2d / F.linear calls and which layers ran :func:`rebuilt_forward`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.n = 0
+        self.rebuilt: list[str] = []
+        real = _base.rebuilt_forward
+
+        def counted(layer, x, weight=None):  # noqa: ANN001, ANN202
+            self.rebuilt.append(type(layer).__name__)
+            return real(layer, x, weight)
+
+        monkeypatch.setattr(_base, "rebuilt_forward", counted)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func in (F.conv2d, F.linear):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(model: nn.Module, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rebuilt_and_factorized_agree_in_float64_outputs_and_gradients(
+    batch, channels_last, factorized_net, monkeypatch
+):
+    model = factorized_net().double().eval()
+    x = torch.randn(batch, 3, 16, 16, dtype=torch.float64)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    recs = choose_execution(model, [x.shape], force="factorized", channels_last=channels_last)
+    assert [r.layer for r in recs] == FACTORIZED and rebuilt_layers(model) == []
+    want, want_g = _grads(model, x)
+    recs = choose_execution(model, [x.shape], force="rebuilt", channels_last=channels_last)
+    assert {r.mode for r in recs} == {"rebuilt"} and rebuilt_layers(model) == FACTORIZED
+    with _CountDenseOps(monkeypatch) as count, torch.no_grad():
+        got_nograd = model(x)
+    # rebuilt: one dense op per factorized layer, plus the model's own first nn.Conv2d
+    assert count.n == len(FACTORIZED) + 1 and len(count.rebuilt) == len(FACTORIZED)
+    got, got_g = _grads(model, x)
+    torch.testing.assert_close(got_nograd, got, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # each layer alone, rebuilt against its factorized forward on a random input
+    for name, layer in model.named_modules():
+        if isinstance(layer, FactorizedLayer):
+            shape = (batch, layer.geometry.in_features) + ((8, 8) if name in "3456" else ())
+            xi = torch.randn(shape, dtype=torch.float64)
+            key = _base.execution_key(layer, xi)
+            set_execution(layer, key, "factorized")
+            ref = layer(xi)
+            set_execution(layer, key, "rebuilt")
+            torch.testing.assert_close(layer(xi), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_the_choice_is_per_input_shape_and_other_shapes_stay_factorized(
+    factorized_net, monkeypatch
+):
+    model = factorized_net().eval()
+    choose_execution(model, [(4, 3, 16, 16)], force="rebuilt")
+    modes = execution_modes(model)
+    assert set(modes) == set(FACTORIZED)
+    # batch 4 and the symbolic batch torch.compile uses for batches >= 2
+    assert modes["10"] == {(4,): "rebuilt", (DYNAMIC,): "rebuilt"}
+    assert modes["3"] == {(4, 16, 16): "rebuilt", (DYNAMIC, 16, 16): "rebuilt"}
+    with _CountDenseOps(monkeypatch) as count, torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))  # batch 1 was not chosen: factorized plans
+        assert count.rebuilt == []
+        model(torch.randn(4, 3, 16, 16))
+        assert len(count.rebuilt) == len(FACTORIZED)
+    clear_execution(model)
+    assert rebuilt_layers(model) == [] and all(not v for v in execution_modes(model).values())
+
+
+def test_the_choice_is_machine_state_not_saved_in_the_state_dict(factorized_net):
+    model = factorized_net().eval()
+    sd_before = model.state_dict()
+    choose_execution(model, [(2, 3, 16, 16)], force="rebuilt")
+    sd = model.state_dict()
+    assert sd.keys() == sd_before.keys()
+    assert all("execution" not in str(v) for k, v in sd.items() if k.endswith("_extra_state"))
+    fresh = factorized_net().eval()
+    fresh.load_state_dict(sd)
+    assert rebuilt_layers(fresh) == []  # loaded elsewhere: runs factorized until chosen there
+    assert rebuilt_layers(copy.deepcopy(model)) == FACTORIZED  # a copy keeps it
+    # layers built separately never share one dict (the class default is never mutated)
+    assert FactorizedLayer._execution == {}
+
+
+def test_measured_choice_records_finite_times_and_sets_the_faster_mode(factorized_net):
+    model = factorized_net().eval()
+    recs = choose_execution(model, [(2, 3, 16, 16), (1, 3, 16, 16)], repeats=3, warmup=1)
+    assert len(recs) == 2 * len(FACTORIZED)
+    for r in recs:
+        assert r.mode in EXECUTION_MODES
+        assert r.factorized_s > 0 and r.rebuilt_s > 0
+        assert (r.mode == "rebuilt") == (r.rebuilt_s < r.factorized_s * 0.98)
+        assert execution_modes(model)[r.layer][r.key] == r.mode
+        assert r.to_dict()["input_shape"] == list(r.input_shape)
+    folded = choose_execution(model, [(2, 3, 16, 16)], repeats=2, warmup=0, folded=True)
+    assert all(r.rebuilt_s > 0 for r in folded)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"force": "dense"}, "force must be None or one of"),
+        ({"repeats": 0}, "repeats must be an int >= 1, got 0"),
+        ({"warmup": -1}, "warmup must be an int >= 0"),
+        ({"margin": 1.5}, "margin must be in"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_allowed_values(kwargs, match, factorized_net):
+    with pytest.raises(ValueError, match=match):
+        choose_execution(factorized_net(), [(1, 3, 16, 16)], **kwargs)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_execution(TTLinear(8, 8, ranks=2), (1,), "fast")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("mode", EXECUTION_MODES)
+def test_compile_fullgraph_in_either_mode_matches_eager(mode, dynamic, factorized_net):
+    torch._dynamo.reset()
+    model = factorized_net().train()
+    choose_execution(model, [(4, 3, 16, 16)], force=mode)
+    x = torch.randn(4, 3, 16, 16)
+    want, want_g = _grads(model, x)
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=dynamic)
+    got, got_g = _grads(compiled, x)  # fullgraph: raises on any graph break
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if dynamic:  # another batch size: the same graph, the choice of the symbolic batch
+        x3 = torch.randn(3, 3, 16, 16)
+        torch.testing.assert_close(compiled(x3), model(x3), rtol=1e-5, atol=1e-6)
+
+
+def _big_model() -> nn.Module:
+    """Layers whose dense kernels are many times their cores."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        TTConv2d(64, 64, 3, ranks=4, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        TTLinear(64 * 4 * 4, 256, ranks=4),
+    ).eval()
+
+
+def _dense_params(model: nn.Module) -> int:
+    return sum(m.to_dense().numel() for m in model.modules() if isinstance(m, FactorizedLayer))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_an_exported_model_with_rebuilt_layers_keeps_the_compressed_size(fmt, tmp_path):
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxscript")
+    from tdcompress.export import export_model
+
+    model = _big_model()
+    x = torch.randn(2, 64, 4, 4)
+    params = sum(p.numel() for p in model.parameters())
+    dense_bytes = 4 * _dense_params(model)
+    assert dense_bytes > 20 * 4 * params  # the oracle can tell the two apart
+    sizes = {}
+    for mode in EXECUTION_MODES:
+        choose_execution(model, [x.shape], force=mode)
+        res = export_model(model, x, tmp_path / f"{mode}.{fmt}")  # checked against eager
+        sizes[mode] = res.file_bytes
+        assert res.max_abs_diff is not None
+    assert rebuilt_layers(model) == ["0", "3"]
+    assert sizes["rebuilt"] < 4 * params + 200_000 and sizes["rebuilt"] < dense_bytes / 4
+    assert sizes["rebuilt"] < 1.5 * sizes["factorized"]
+    if fmt == "onnx":
+        import onnx
+
+        proto = onnx.load(str(tmp_path / "rebuilt.onnx"))
+        stored = sum(int(torch.Size(list(t.dims)).numel()) for t in proto.graph.initializer)
+        assert stored <= params + 64  # the cores and biases (and small shape constants)
+        ops = {n.op_type for n in proto.graph.node}
+        assert "Conv" in ops and "Gemm" in ops | {"MatMul"}
+
+
+def test_onnx_runtime_folds_the_rebuilt_kernels_once_at_load(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from tdcompress.export import export_model
+
+    model = _big_model()
+    x = torch.randn(1, 64, 4, 4)
+    choose_execution(model, [x.shape], force="rebuilt")
+    export_model(model, x, tmp_path / "m.onnx")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-5)
+    loaded = onnx.load(str(tmp_path / "loaded.onnx"))
+    inits = {t.name: t for t in loaded.graph.initializer}
+    convs = [n for n in loaded.graph.node if n.op_type in ("Conv", "FusedConv")]
+    assert convs, [n.op_type for n in loaded.graph.node]
+    # the conv's kernel is a constant of the loaded graph: the rebuild ran once, at load
+    w = inits.get(convs[0].input[1])
+    assert w is not None and list(w.dims) == [64, 64, 3, 3]
+    # and nothing of the rebuild is left to run per call: no Einsum / MatMul on cores only
+    assert not any(n.op_type == "Einsum" for n in loaded.graph.node)
