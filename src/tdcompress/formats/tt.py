@@ -36,6 +36,7 @@ from tdcompress.formats.base import (
     parse_layer_ranks,
     register_format,
 )
+from tdcompress.formats.contraction import structure_of
 from tdcompress.tensor import (
     balanced_factorization,
     tt_clip_ranks,
@@ -253,16 +254,12 @@ class RingFormatBase(Format):
         return lin if geometry.kind == "linear" else conv
 
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
-        from tdcompress.layers._base import structure_of
-
         st = structure_of(geometry, spec)
         return st.num_core_params + (geometry.out_features if geometry.bias else 0)
 
     def macs(
         self, geometry: LayerGeometry, spec: FactorSpec, input_hw: tuple[int, int] | None = None
     ) -> int:
-        from tdcompress.layers._base import structure_of
-
         return structure_of(geometry, spec).count_macs(geometry, input_hw, batch=1)
 
 
