@@ -32,7 +32,10 @@ from torch import nn
 from tdcompress.planning import CompressionPlan
 from tdcompress.wrappers import unwrap_model
 
-__all__ = ["ADMM", "ADMMSchedule"]
+__all__ = ["ADMM", "ADMMSchedule", "MODES"]
+
+#: how the ADMM term reaches the weights (``ADMM(mode=...)``, the config's ``admm.mode``)
+MODES = ("penalty", "hook")
 
 
 @dataclass
@@ -86,8 +89,8 @@ class ADMM:
             raise TypeError(f"plan must be a CompressionPlan, got {type(plan).__name__}")
         if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be a positive finite number, got {rho!r}")
-        if mode not in ("penalty", "hook"):
-            raise ValueError(f"mode must be 'penalty' or 'hook', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be {' or '.join(map(repr, MODES))}, got {mode!r}")
         model = unwrap_model(model)  # DDP / DataParallel / torch.compile wrappers
         plan.check_model(model)
         self.plan = plan

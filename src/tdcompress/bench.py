@@ -37,6 +37,8 @@ __all__ = ["RUNTIMES", "bench_models", "bench_run", "format_table"]
 
 #: the runtimes ``tdcompress bench`` times
 RUNTIMES = ("eager", "compile", "onnxruntime")
+#: the run's compressed models bench_run times (file stem -> the stage that writes it)
+WEIGHTS = {"finetuned": "finetune", "decomposed": "decompose"}
 
 
 def _check_args(
@@ -291,11 +293,11 @@ def bench_run(
     (default ``<out_dir>/bench.json``) and returns it."""
     from tdcompress.train.checkpoint import atomic_write_text, load_checkpoint
 
-    if weights not in ("finetuned", "decomposed"):
-        raise ValueError(f"weights must be one of ['decomposed', 'finetuned'], got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {sorted(WEIGHTS)}, got {weights!r}")
     ckpt = pipe.out / f"{weights}.pt"
     if not ckpt.is_file():
-        stage = {"finetuned": "finetune", "decomposed": "decompose"}[weights]
+        stage = WEIGHTS[weights]
         raise FileNotFoundError(
             f"{str(ckpt)!r} does not exist: run the {stage} stage of this config first"
         )

@@ -12,7 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from tdcompress.pipeline import STAGES
+from tdcompress.bench import RUNTIMES, WEIGHTS
+from tdcompress.export import EXPORT_FORMATS
+from tdcompress.pipeline import EXPORT_WEIGHTS, STAGES
 
 DEMO_CONFIG = Path(__file__).with_name("demo.yaml")
 
@@ -65,10 +67,10 @@ def _parser() -> argparse.ArgumentParser:
         "against the eager model",
     )
     common(ex, force=False)
-    ex.add_argument("--format", choices=["onnx", "pt2"], default="onnx", help="default: onnx")
+    ex.add_argument("--format", choices=list(EXPORT_FORMATS), default="onnx", help="default: onnx")
     ex.add_argument(
         "--weights",
-        choices=["finetuned", "decomposed", "dense"],
+        choices=list(EXPORT_WEIGHTS),
         default="finetuned",
         help="which of the run's models (default: finetuned)",
     )
@@ -109,14 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     bp.add_argument(
         "--runtimes",
         nargs="+",
-        default=["eager", "compile", "onnxruntime"],
-        choices=["eager", "compile", "onnxruntime"],
+        default=list(RUNTIMES),
+        choices=list(RUNTIMES),
         help="default: all three (onnxruntime needs pip install 'tdcompress[deploy]')",
     )
     bp.add_argument("--repeats", type=int, default=15, help="interleaved repeats (default: 15)")
     bp.add_argument(
         "--weights",
-        choices=["finetuned", "decomposed"],
+        choices=list(WEIGHTS),
         default="finetuned",
         help="the compressed model (default: finetuned)",
     )

@@ -267,12 +267,21 @@ def load_config(path: str | Path | None = None, sets: list[str] | None = None) -
     return cfg
 
 
-_CHOICES = {
-    ("compress", "init"): ("decompose", "random"),
-    ("compress", "allocation"): ("equal_rank", "equal_ratio"),
-    ("admm", "mode"): ("penalty", "hook"),
-    ("runtime", "amp"): (None, "none", "bf16", "fp16"),
-}
+def _choices() -> dict[tuple[str, str], tuple[Any, ...]]:
+    """The allowed values of the config's fixed-choice keys, each read from the one place
+    that defines it (imported here, as the data and format checks do: this module imports
+    no torch)."""
+    from tdcompress.admm import MODES
+    from tdcompress.planning import ALLOCATIONS
+    from tdcompress.surgery import INITS
+    from tdcompress.train.loop import AMP_MODES
+
+    return {
+        ("compress", "init"): INITS,
+        ("compress", "allocation"): ALLOCATIONS,
+        ("admm", "mode"): MODES,
+        ("runtime", "amp"): AMP_MODES,
+    }
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -381,7 +390,7 @@ def _check_ranges(cfg: Config) -> None:
 
 
 def _check_choices(cfg: Config) -> None:
-    for (section, key), allowed in _CHOICES.items():
+    for (section, key), allowed in _choices().items():
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             raise ValueError(f"{section}.{key} must be one of {list(allowed)}, got {v!r}")

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 __all__ = ["Pipeline", "STAGES"]
 
 STAGES = ("train", "plan", "admm", "decompose", "finetune", "evaluate", "report")
+#: the run's models ``export`` writes (file stem -> the stage that writes it)
+EXPORT_WEIGHTS = {"finetuned": "finetune", "decomposed": "decompose", "dense": "train"}
 
 
 def _device(spec: str) -> torch.device:
@@ -579,21 +581,7 @@ class Pipeline:
 
     def stage_plan(self) -> CompressionPlan:
         model = self.dense_model()
-        c = self.cfg.compress
-        p = plan(
-            model,
-            c.format,
-            ranks=c.ranks,
-            target_ratio=c.target_ratio,
-            target_macs_reduction=c.target_macs_reduction,
-            include=c.include,
-            exclude=c.exclude,
-            lstm=c.lstm,
-            layout=c.layout,
-            allocation=c.allocation,
-            overrides=c.overrides or None,
-            input_shape=self.input_shape(),
-        )
+        p = plan(model, config=self.cfg.compress, input_shape=self.input_shape())
         if is_main():
             p.save(self.out / "plan.yaml")
             print(p.summary(), flush=True)
@@ -746,7 +734,7 @@ class Pipeline:
                 f"export runs in one process, not under torchrun ({world_size()} ranks): "
                 "run `tdcompress export` on its own"
             )
-        stage = {"finetuned": "finetune", "decomposed": "decompose", "dense": "train"}
+        stage = EXPORT_WEIGHTS
         if weights not in stage:
             raise ValueError(f"weights must be one of {sorted(stage)}, got {weights!r}")
         if format not in EXPORT_FORMATS:

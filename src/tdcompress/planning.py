@@ -268,7 +268,7 @@ class CompressionPlan:
             layers=[LayerPlan.from_dict(x) for x in d["layers"]],
             model_params=int(d["model_params"]),
             model_macs=d.get("model_macs"),
-            meta=dict(d.get("meta") or {}),
+            meta={_OLD_META_KEYS.get(k, k): v for k, v in (d.get("meta") or {}).items()},
             skipped=dict(d.get("skipped") or {}),
         )
 
@@ -574,6 +574,11 @@ def _trace_shapes(
     return seen
 
 
+#: the key of a plan's ``meta`` that records a solved target: the name of plan()'s argument
+_TARGET_META = {"ratio": "target_ratio", "MAC reduction": "target_macs_reduction"}
+#: ``meta`` keys of older plan files, read under their current names
+_OLD_META_KEYS = {"target_mac_reduction": "target_macs_reduction"}
+
 #: how a solved target is shared among layers (see :func:`plan`)
 ALLOCATIONS = ("equal_rank", "equal_ratio")
 
@@ -582,10 +587,50 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+#: plan()'s arguments that the compress section of a config (``CompressConfig``) sets, with
+#: their defaults
+_CONFIG_ARGS: dict[str, Any] = {
+    "format": None,
+    "ranks": None,
+    "target_ratio": None,
+    "target_macs_reduction": None,
+    "include": None,
+    "exclude": (),
+    "lstm": False,
+    "layout": None,
+    "allocation": "equal_rank",
+    "overrides": None,
+}
+
+
+def _config_args(config: Any) -> dict[str, Any]:
+    """plan()'s arguments from the compress section of a config: a ``CompressConfig`` or its
+    dict (missing keys take the ``CompressConfig`` defaults; ``init`` is decompose()'s)."""
+    from tdcompress.config import CompressConfig
+
+    if isinstance(config, Mapping):
+        allowed = {f.name for f in fields(CompressConfig)}
+        unknown = sorted(set(config) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown compress config keys {unknown}; allowed keys are {sorted(allowed)}"
+            )
+        config = CompressConfig(**config)
+    if not isinstance(config, CompressConfig):
+        raise TypeError(
+            f"config must be a CompressConfig or a mapping of its fields, got "
+            f"{type(config).__name__}"
+        )
+    args = {k: getattr(config, k) for k in _CONFIG_ARGS}
+    args["overrides"] = args["overrides"] or None
+    return args
+
+
 def plan(
     model: nn.Module,
-    format: str = "tt",
+    format: str | None = None,
     *,
+    config: Any = None,
     ranks: int | Sequence[int] | Mapping[str, int | Sequence[int]] | None = None,
     target_ratio: float | None = None,
     target_macs_reduction: float | None = None,
@@ -600,7 +645,14 @@ def plan(
     example_inputs: Any = None,
     max_layer_macs: float | None = None,
 ) -> CompressionPlan:
-    """Plan the compression of ``model``.
+    """Plan the compression of ``model`` in ``format`` (default ``"tt"``).
+
+    ``config``: the compress section of a config (a :class:`~tdcompress.config.CompressConfig`
+    or its dict, as ``cfg.compress`` of :func:`~tdcompress.config.load_config`) instead of
+    the arguments it sets (``format``, ``ranks``, the targets, ``include``, ``exclude``,
+    ``lstm``, ``layout``, ``allocation``, ``overrides``), which must then be left out; the
+    others (``input_shape``, ``example_inputs``, ``filter_fn``, ``max_layer_macs``) still
+    apply. The pipeline plans this way.
 
     Selection: with ``include=None`` the paper's default (every Conv2d larger than 1x1 and
     every Linear except the first conv and the last Linear; LSTM input-to-hidden matrices,
@@ -640,6 +692,43 @@ def plan(
     a high rank can cost several times as much). A layer above it gets the largest cap on
     its ranks that meets it (recorded in ``meta["macs_capped"]``); needs MAC counts.
     """
+    if config is not None:
+        given = dict(
+            format=format,
+            ranks=ranks,
+            target_ratio=target_ratio,
+            target_macs_reduction=target_macs_reduction,
+            include=include,
+            exclude=exclude,
+            lstm=lstm,
+            layout=layout,
+            allocation=allocation,
+            overrides=overrides,
+        )
+        clash = [
+            k
+            for k, v in given.items()
+            if not (
+                v is _CONFIG_ARGS[k]
+                or (k in ("exclude", "overrides") and not v)
+                or v == _CONFIG_ARGS[k]
+            )
+        ]
+        if clash:
+            raise ValueError(
+                f"give {clash} either in config or as arguments, not both (config sets "
+                f"{list(_CONFIG_ARGS)})"
+            )
+        return plan(
+            model,
+            **_config_args(config),
+            input_shape=input_shape,
+            filter_fn=filter_fn,
+            example_inputs=example_inputs,
+            max_layer_macs=max_layer_macs,
+        )
+    if format is None:
+        format = "tt"
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     get_format(format)  # validates the name
@@ -1100,5 +1189,5 @@ def _solve(
             f"target {what} {target:g} cannot be met within {RATIO_TOLERANCE:.0%}: the closest "
             f"value found is {got:.3g}"
         )
-    best.meta = {f"target_{what.replace(' ', '_').lower()}": target, "allocation": allocation}
+    best.meta = {_TARGET_META[what]: target, "allocation": allocation}
     return best

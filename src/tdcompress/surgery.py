@@ -13,7 +13,10 @@ from torch import nn
 from tdcompress.planning import CompressionPlan, LayerPlan
 from tdcompress.wrappers import unwrap_model
 
-__all__ = ["decompose", "compress_", "densify", "DecompositionReport"]
+__all__ = ["decompose", "compress_", "densify", "DecompositionReport", "INITS"]
+
+#: how decompose() initialises the factors (``init=...``, the config's ``compress.init``)
+INITS = ("decompose", "random")
 
 
 @dataclass
@@ -77,8 +80,8 @@ def decompose(
 def _check_args(
     model: nn.Module, plan: CompressionPlan, weights: dict[str, torch.Tensor] | None, init: str
 ) -> None:
-    if init not in ("decompose", "random"):
-        raise ValueError(f"init must be 'decompose' or 'random', got {init!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be {' or '.join(map(repr, INITS))}, got {init!r}")
     plan.check_model(model)
     unknown = sorted(set(weights or {}) - {lp.param for lp in plan})
     if unknown:

@@ -46,8 +46,11 @@ LAYOUTS: dict[str, tuple[str, ...]] = {"linear": ("matrix",), "conv2d": ("channe
 
 
 def _check_layout(layout: str) -> None:
-    if layout not in ("matrix", "channel", "garipov"):
-        raise ValueError(f"layout must be 'matrix', 'channel' or 'garipov', got {layout!r}")
+    names = [x for kind in LAYOUTS.values() for x in kind]
+    if layout not in names:
+        raise ValueError(
+            f"layout must be {', '.join(map(repr, names[:-1]))} or {names[-1]!r}, got {layout!r}"
+        )
 
 
 def tensor_shape(

@@ -19,14 +19,16 @@ from tdcompress.train.distributed import all_reduce_sum, is_main
 __all__ = ["train_epoch", "evaluate", "autocast_context", "distillation_loss", "MetricsLog"]
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: the values ``amp`` may take (the config's ``runtime.amp``): off (None, "none") or a dtype
+AMP_MODES = (None, "none", *_AMP)
 
 
 def autocast_context(device: torch.device, amp: str | None):
     """``torch.autocast`` for ``amp`` in {None, "bf16", "fp16"} (fp16 only on CUDA)."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp is None or amp == "none":
         return contextlib.nullcontext()
-    if amp not in _AMP:
-        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' on CPU")
     return torch.autocast(device_type=device.type, dtype=_AMP[amp])
