@@ -45,6 +45,7 @@ import tdcompress.formats.tucker2  # noqa: F401
 from tdcompress.formats.base import FactorSpec, Format, LayerGeometry, available_formats, get_format
 from tdcompress.formats.lowrank import lowrank_plans
 from tdcompress.formats.tucker2 import tucker2_plans
+from tdcompress.layers import build
 
 #: formats timed at the parameter count of the case's TT layer instead of at a given rank
 PARAM_MATCHED = ("tucker2", "svd")
@@ -209,7 +210,7 @@ def main() -> None:
                 continue
             try:
                 spec = resolve_spec(case, fmt)
-                layer = fmt.build(geo, fmt.decompose(w, spec), spec, dense.bias.detach())
+                layer = build(fmt, geo, fmt.decompose(w, spec), spec, dense.bias.detach())
             except (ValueError, TypeError) as e:
                 print(f"skip {case['name']} {name}: {e}")
                 continue

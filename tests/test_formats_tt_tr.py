@@ -13,6 +13,7 @@ import tdcompress.formats.tr  # noqa: F401  (registers "tr")
 import tdcompress.formats.tt  # noqa: F401  (registers "tt")
 from tdcompress.formats import layouts
 from tdcompress.formats.base import LayerGeometry, get_format
+from tdcompress.layers import build
 from tdcompress.layers.tr import TRConv2d, TRLinear
 from tdcompress.layers.tt import TTConv2d, TTLinear
 from tdcompress.tensor import tt_max_ranks
@@ -86,7 +87,7 @@ def test_project_equals_build_of_decompose(name, geo, kw, ranks) -> None:
     W = torch.randn(geo.weight_shape, dtype=D)
     P = fmt.project(W, spec)
     assert P.shape == W.shape
-    layer = fmt.build(geo, fmt.decompose(W, spec), spec, torch.randn(geo.out_features, dtype=D))
+    layer = build(fmt, geo, fmt.decompose(W, spec), spec, torch.randn(geo.out_features, dtype=D))
     torch.testing.assert_close(layer.to_dense(), P, rtol=1e-10, atol=1e-12)
     # truncation actually happened (the test would be vacuous otherwise)
     assert torch.linalg.vector_norm(P - W) > 1e-3 * torch.linalg.vector_norm(W)

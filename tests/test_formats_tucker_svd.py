@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tdcompress.formats.lowrank  # noqa: F401
 import tdcompress.formats.tucker2  # noqa: F401
 from tdcompress.formats.base import LayerGeometry, get_format
+from tdcompress.layers import build, build_initialized, layer_class
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
 from tdcompress.layers.tucker2 import Tucker2Conv2d
 
@@ -50,7 +51,7 @@ def test_project_equals_built_layer(fmt_name, geo, ranks) -> None:
     w = _rand_weight(geo)
     bias = torch.randn(geo.out_features, dtype=D) if geo.bias else None
     p = fmt.project(w, spec)
-    layer = fmt.build(geo, fmt.decompose(w, spec), spec, bias)
+    layer = build(fmt, geo, fmt.decompose(w, spec), spec, bias)
     torch.testing.assert_close(layer.to_dense(), p, rtol=1e-10, atol=1e-10)
     assert p.shape == w.shape
     assert not torch.allclose(p, w)  # the ranks really truncate
@@ -79,7 +80,7 @@ def test_low_rank_weight_is_projected_exactly(fmt_name, geo, ranks) -> None:
         u_in = torch.randn(geo.in_features, ri, dtype=D)
         w = torch.einsum("abhw,oa,ib->oihw", core, u_out, u_in)
     torch.testing.assert_close(fmt.project(w, spec), w, rtol=1e-9, atol=1e-9)
-    layer = fmt.build(geo, fmt.decompose(w, spec), spec)
+    layer = build(fmt, geo, fmt.decompose(w, spec), spec)
     torch.testing.assert_close(layer.to_dense(), w, rtol=1e-9, atol=1e-9)
 
 
@@ -248,12 +249,12 @@ def test_spec_options_are_used_kept_and_checked() -> None:
                 torch.testing.assert_close(A.t() @ A, B2 @ B2.t(), rtol=1e-9, atol=1e-9)
             else:
                 torch.testing.assert_close(A.t() @ A, torch.eye(3, dtype=D), rtol=0, atol=1e-12)
-            layer = svd.build(geo, [A, B], spec)
+            layer = build(svd, geo, [A, B], spec)
             assert layer.spec.options == {"balanced": balanced}
             torch.testing.assert_close(layer.to_dense(), svd.project(w, spec))
     geo = _conv_geo()
     spec = FactorSpec("tucker2", (3, 2), options={"n_iter": 0})
-    assert t2.build(geo, t2.decompose(_rand_weight(geo), spec), spec).spec == spec
+    assert build(t2, geo, t2.decompose(_rand_weight(geo), spec), spec).spec == spec
     bad = [
         (svd, {"balance": True}, r"format 'svd': unknown spec option\(s\) \['balance'\]"),
         (svd, {"balanced": 1}, r"format 'svd': spec option balanced=1 .*must be a bool"),
@@ -270,8 +271,8 @@ def test_spec_options_are_used_kept_and_checked() -> None:
 
 def test_tucker2_layer_class_names_itself_for_a_linear_geometry() -> None:
     fmt = get_format("tucker2")
-    assert fmt.layer_class(_conv_geo()) is Tucker2Conv2d
+    assert layer_class(fmt, _conv_geo()) is Tucker2Conv2d
     spec = fmt.resolve(_conv_geo(), 2)
-    match = r"Tucker2Format\.layer_class .*does not support linear layers.*\['conv2d'\]"
+    match = r"layer_class\('tucker2'\) .*does not support linear layers.*\['conv2d'\]"
     with pytest.raises(ValueError, match=match):
-        fmt.build_initialized(LayerGeometry.linear(4, 5), spec)
+        build_initialized(fmt, LayerGeometry.linear(4, 5), spec)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st_
 from torch import nn
 
 from tdcompress.formats.base import LayerGeometry, get_format
+from tdcompress.layers import build
 from tdcompress.layers.tr import TRConv2d, TRLinear
 from tdcompress.layers.tt import TTConv2d, TTLinear
 
@@ -237,7 +238,7 @@ def test_from_factors_refuses_a_bias_it_cannot_hold() -> None:
         geo = LayerGeometry.from_module(dense)
         spec = fmt.resolve(geo, 2)
         with pytest.raises(ValueError, match=msg):
-            fmt.build(geo, fmt.decompose(dense.weight, spec), spec, bias)
+            build(fmt, geo, fmt.decompose(dense.weight, spec), spec, bias)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RUNTIMES", "bench_models", "bench_run", "format_table"]
+__all__ = ["RUNTIMES", "WEIGHTS", "bench_models", "bench_run", "format_table"]
 
 #: the runtimes ``tdcompress bench`` times
 RUNTIMES = ("eager", "compile", "onnxruntime")

@@ -49,21 +49,11 @@ ModelOrFactory = nn.Module | Callable[[], nn.Module]
 
 
 def _layer_classes() -> dict[str, type[nn.Module]]:
-    from tdcompress import layers
+    """The factorized module classes a record may name (those registered by the layers)."""
+    import tdcompress.layers  # noqa: F401  (registers the layer classes)
+    from tdcompress.layers.registry import layer_classes
 
-    return {
-        c.__name__: c
-        for c in (
-            layers.TTLinear,
-            layers.TTConv2d,
-            layers.TRLinear,
-            layers.TRConv2d,
-            layers.Tucker2Conv2d,
-            layers.LowRankLinear,
-            layers.LowRankConv2d,
-            layers.FactorizedLSTM,
-        )
-    }
+    return layer_classes()
 
 
 def save_compressed(

@@ -47,10 +47,14 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _factorized(
     lp: LayerPlan, weight: torch.Tensor, bias: torch.Tensor | None, init: str
 ) -> nn.Module:
+    from tdcompress.layers.registry import build, build_initialized
+
     fmt = lp.format
     if init == "random":
-        return fmt.build_initialized(lp.geometry, lp.spec, device=weight.device, dtype=weight.dtype)
-    return fmt.build(lp.geometry, fmt.decompose(weight, lp.spec), lp.spec, bias)
+        return build_initialized(
+            fmt, lp.geometry, lp.spec, device=weight.device, dtype=weight.dtype
+        )
+    return build(fmt, lp.geometry, fmt.decompose(weight, lp.spec), lp.spec, bias)
 
 
 @torch.no_grad()

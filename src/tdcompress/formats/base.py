@@ -2,9 +2,10 @@
 
 A *format* is the single owner of how the weight of a Linear or Conv2d layer maps to a
 tensor and back. The same object gives the projection used by ADMM, the decomposition
-into factors, the factorized module built from those factors, and exact parameter and
-MAC counts, so projection and decomposition cannot disagree:
-``fmt.project(W, spec) == fmt.build(geom, fmt.decompose(W, spec), spec).to_dense()``.
+into factors and exact parameter and MAC counts; the factorized module built from those
+factors is the layer that registers for the format (:mod:`tdcompress.layers.registry`; the
+formats import nothing of the layers), so projection and decomposition cannot disagree:
+``fmt.project(W, spec) == layers.build(fmt, geom, fmt.decompose(W, spec), spec).to_dense()``.
 """
 
 from __future__ import annotations
@@ -253,27 +254,6 @@ class Format(ABC):
     @abstractmethod
     def decompose(self, weight: torch.Tensor, spec: FactorSpec) -> list[torch.Tensor]:
         """The factors of ``weight`` at the spec's rank."""
-
-    @abstractmethod
-    def layer_class(self, geometry: LayerGeometry) -> type:
-        """The factorized module class for this geometry (linear or conv)."""
-
-    def build(
-        self,
-        geometry: LayerGeometry,
-        factors: list[torch.Tensor],
-        spec: FactorSpec,
-        bias: torch.Tensor | None = None,
-    ) -> nn.Module:
-        """The factorized module holding ``factors`` (and ``bias``); its ``to_dense()``
-        equals ``project(weight, spec)`` when ``factors = decompose(weight, spec)``."""
-        return self.layer_class(geometry).from_factors(geometry, factors, spec, bias)
-
-    def build_initialized(
-        self, geometry: LayerGeometry, spec: FactorSpec, device: Any = None, dtype: Any = None
-    ) -> nn.Module:
-        """The factorized module at its random initialisation (no decomposition)."""
-        return self.layer_class(geometry)._from_spec(geometry, spec, device=device, dtype=dtype)
 
     @abstractmethod
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:

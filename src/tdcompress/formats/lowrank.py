@@ -172,11 +172,6 @@ class LowRankFormat(Format):
         A, B = lowrank_svd(self._matrix(weight), spec.ranks[0], balanced=balanced)
         return [A, B.reshape(B.shape[0], *weight.shape[1:])]
 
-    def layer_class(self, geometry: LayerGeometry) -> type:
-        from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
-
-        return LowRankLinear if geometry.kind == "linear" else LowRankConv2d
-
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
         g, r = geometry, spec.ranks[0]
         return r * (g.out_features + g.in_features * _k(g)) + (g.out_features if g.bias else 0)

@@ -35,11 +35,6 @@ class TRFormat(RingFormatBase):
     def _project_tensor(self, t: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
         return tr_project(t, list(ranks))
 
-    def _layer_classes(self) -> tuple[type, type]:
-        from tdcompress.layers.tr import TRConv2d, TRLinear
-
-        return TRLinear, TRConv2d
-
     def max_ranks(self, geometry: LayerGeometry, spec: FactorSpec) -> tuple[int, ...]:
         """Entry 0: the largest closing rank ``min(n_1, n_2 ... n_d)``; entries 1..d-1: the
         largest ranks TR-SVD can give those bonds with the spec's closing rank ``r_0``."""

@@ -94,11 +94,6 @@ class RingFormatBase(Format):
     def _project_tensor(self, t: torch.Tensor, ranks: tuple[int, ...]) -> torch.Tensor:
         return tt_project(t, list(ranks))
 
-    def _layer_classes(self) -> tuple[type, type]:
-        from tdcompress.layers.tt import TTConv2d, TTLinear
-
-        return TTLinear, TTConv2d
-
     # ---- spec ------------------------------------------------------------------------
     def resolve(
         self,
@@ -248,10 +243,6 @@ class RingFormatBase(Format):
             spec.in_factors,  # type: ignore[arg-type]
             tuple(weight.shape[2:]) or (1, 1),
         )
-
-    def layer_class(self, geometry: LayerGeometry) -> type:
-        lin, conv = self._layer_classes()
-        return lin if geometry.kind == "linear" else conv
 
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
         st = structure_of(geometry, spec)

@@ -128,12 +128,6 @@ class Tucker2Format(Format):
         )
         return [u_out, core, u_in]
 
-    def layer_class(self, geometry: LayerGeometry) -> type:
-        from tdcompress.layers.tucker2 import Tucker2Conv2d
-
-        self.check_kind(geometry, "Tucker2Format.layer_class (used by build and build_initialized)")
-        return Tucker2Conv2d
-
     def num_params(self, geometry: LayerGeometry, spec: FactorSpec) -> int:
         g = geometry
         ro, ri = spec.ranks

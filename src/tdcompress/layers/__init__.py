@@ -1,7 +1,8 @@
 """Factorized nn.Modules: the Linear/Conv2d layers each with ``from_dense(...)`` and
 ``to_dense()``; ``FactorizedLSTM.from_lstm(...)``; :func:`choose_execution` (run each
 layer factorized or through its dense kernel rebuilt from the cores, whichever measures
-faster)."""
+faster); the registry of which layer builds each format (:func:`build`,
+:func:`register_layer`)."""
 
 from tdcompress.layers._base import (
     EXECUTION_MODES,
@@ -15,6 +16,13 @@ from tdcompress.layers._base import (
 )
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
 from tdcompress.layers.lstm import FactorizedLSTM
+from tdcompress.layers.registry import (
+    build,
+    build_initialized,
+    layer_class,
+    layer_classes,
+    register_layer,
+)
 from tdcompress.layers.tr import TRConv2d, TRLinear
 from tdcompress.layers.tt import TTConv2d, TTLinear
 from tdcompress.layers.tucker2 import Tucker2Conv2d
@@ -36,4 +44,9 @@ __all__ = [
     "TTLinear",
     "Tucker2Conv2d",
     "warm_plans",
+    "build",
+    "build_initialized",
+    "layer_class",
+    "layer_classes",
+    "register_layer",
 ]

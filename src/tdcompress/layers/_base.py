@@ -40,6 +40,7 @@ from tdcompress.formats.contraction import (  # noqa: F401  (re-exported: import
     run_steps,
     structure_of,
 )
+from tdcompress.layers.registry import build
 
 __all__ = [
     "plan_network",
@@ -472,7 +473,7 @@ class FactorizedLayer(nn.Module):
         )
         w = module.weight.detach()
         b = None if module.bias is None else module.bias.detach()
-        return fmt.build(geometry, fmt.decompose(w, spec), spec, b)
+        return build(fmt, geometry, fmt.decompose(w, spec), spec, b)
 
     @classmethod
     def from_factors(

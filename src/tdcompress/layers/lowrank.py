@@ -25,6 +25,7 @@ from tdcompress.layers._base import (
     planned_batch,
     run_chosen,
 )
+from tdcompress.layers.registry import register_layer
 
 __all__ = [
     "LowRankLinear",
@@ -123,6 +124,7 @@ class SmallFactorizedLayer(FactorizedLayer):
         return f"ranks={tuple(self.spec.ranks)}"
 
 
+@register_layer
 class LowRankLinear(SmallFactorizedLayer):
     """Linear layer ``y = A (B x) + b`` with ``A (M, r)``, ``B (r, N)`` (format ``"svd"``).
 
@@ -208,6 +210,7 @@ class LowRankLinear(SmallFactorizedLayer):
         )
 
 
+@register_layer
 class LowRankConv2d(SmallFactorizedLayer):
     """Conv2d whose kernel, read as an ``(O, I*kh*kw)`` matrix, has rank ``r``: a
     ``kh x kw`` conv ``I -> r`` (stride, padding, dilation) then a 1x1 conv ``r -> O``

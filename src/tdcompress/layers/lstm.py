@@ -24,6 +24,7 @@ from tdcompress.layers._base import (
     init_skipped,
     load_with_record,
 )
+from tdcompress.layers.registry import register_layer
 
 __all__ = ["FactorizedLSTM", "recurrence"]
 
@@ -129,6 +130,7 @@ def _features(module: nn.Module, attr: str) -> int | None:
     return v if isinstance(v, int) else None
 
 
+@register_layer
 class FactorizedLSTM(nn.Module):
     """LSTM with factorized input-to-hidden matrices (see the module docstring).
 

@@ -13,6 +13,7 @@ import torch
 import tdcompress.formats.tt  # noqa: F401  (registers the "tt" format)
 from tdcompress.formats.base import FactorSpec, LayerGeometry
 from tdcompress.layers._base import FactorizedLayer, conv_forward, linear_forward
+from tdcompress.layers.registry import register_layer
 
 __all__ = ["TTLinear", "TTConv2d", "RingLinearBase", "RingConv2dBase"]
 
@@ -192,6 +193,7 @@ class RingConv2dBase(FactorizedLayer):
         return f"{s}, {self._shape_repr()}, bias={g.bias}"
 
 
+@register_layer
 class TTLinear(RingLinearBase):
     """Linear layer with a TT-matrix weight (Novikov et al. 2015).
 
@@ -201,6 +203,7 @@ class TTLinear(RingLinearBase):
     format_name = "tt"
 
 
+@register_layer
 class TTConv2d(RingConv2dBase):
     """Conv2d with a TT kernel; ``layout="channel"`` (default: 1x1 input-channel mixing,
     one kh x kw conv between ranks, 1x1 output mixing) or ``"garipov"``."""

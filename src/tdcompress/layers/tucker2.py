@@ -23,6 +23,7 @@ from tdcompress.layers.lowrank import (
     pointwise,
     training_nhwc,
 )
+from tdcompress.layers.registry import register_layer
 
 __all__ = ["Tucker2Conv2d"]
 
@@ -41,6 +42,7 @@ def _merge_out(core: torch.Tensor, u_out: torch.Tensor) -> torch.Tensor:
     return (u_out @ core.reshape(ro, -1)).reshape(u_out.shape[0], *core.shape[1:])
 
 
+@register_layer
 class Tucker2Conv2d(SmallFactorizedLayer):
     """Conv2d with a Tucker-2 kernel ``core x_0 U_out x_1 U_in``.
 
