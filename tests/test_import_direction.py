@@ -162,3 +162,27 @@ def test_the_layers_register_the_format_they_build() -> None:
         layers.register_layer(OtherTT)
     assert "OtherTT" not in registry.layer_classes()
     layers.register_layer(layers.TTLinear)  # registering the same class again is a no-op
+
+
+#: inside a package split into modules: which of its siblings each module may import (the
+#: package's ``__init__``, which puts them together, imports them all and none imports it)
+SIBLINGS = {
+    "planning": {"records": (), "selection": (), "ranks": ("records",)},
+}
+
+
+@pytest.mark.parametrize("package", sorted(SIBLINGS))
+def test_the_modules_of_a_split_package_import_one_way(package) -> None:
+    pkg = f"tdcompress.{package}"
+    rules = SIBLINGS[package]
+    assert {p.stem for p in (SRC / package).glob("*.py")} == {"__init__", *rules}
+    bad = []
+    for name, allowed in rules.items():
+        ok = {f"{pkg}.{a}" for a in allowed}
+        for line, mod in _imported(SRC / package / f"{name}.py"):
+            if mod == pkg or (
+                mod.startswith(pkg + ".")
+                and not any(mod == a or mod.startswith(a + ".") for a in ok)
+            ):
+                bad.append(f"{package}/{name}.py:{line} imports {mod}")
+    assert not bad, "\n".join(bad)
