@@ -168,6 +168,7 @@ def test_the_layers_register_the_format_they_build() -> None:
 #: package's ``__init__``, which puts them together, imports them all and none imports it)
 SIBLINGS = {
     "planning": {"records": (), "selection": (), "ranks": ("records",)},
+    "pipeline": {"runfolder": (), "phase": ()},
 }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import tdcompress.pipeline as pipeline_mod
+import tdcompress.pipeline.phase as phase_mod
 from tdcompress.config import load_config
 from tdcompress.pipeline import Pipeline
 from tdcompress.train.keep import kept_files, mirror_run_folder, restore_run_folder
@@ -103,7 +103,7 @@ def test_run_resumes_from_the_kept_state_on_a_fresh_machine(tmp_path, monkeypatc
 
     out, keep = tmp_path / "run", tmp_path / "kept"
     cfg = load_config(write_cfg(tmp_path / "b.yaml", out), [f"runtime.keep_dir={keep}"])
-    real = pipeline_mod.train_epoch
+    real = phase_mod.train_epoch  # (the training phase's module runs the epochs)
     calls = {"n": 0}
 
     def dies_in_admm(*a, **k):  # 5 dense epochs, then the 3rd ADMM epoch is killed
@@ -112,10 +112,10 @@ def test_run_resumes_from_the_kept_state_on_a_fresh_machine(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "train_epoch", dies_in_admm)
+    monkeypatch.setattr(phase_mod, "train_epoch", dies_in_admm)
     with pytest.raises(KeyboardInterrupt):
         Pipeline(cfg).run()
-    monkeypatch.setattr(pipeline_mod, "train_epoch", real)
+    monkeypatch.setattr(phase_mod, "train_epoch", real)
     assert (keep / "admm.ckpt.pt").is_file() and not (keep / "dense.ckpt.pt").exists()
     assert torch.load(keep / "admm.ckpt.pt", weights_only=False)["epoch"] == 2
 

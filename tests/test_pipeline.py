@@ -585,7 +585,8 @@ def test_reuse_stages_takes_the_matching_prefix_of_another_run(tmp_path, capsys)
 
 
 def test_reuse_stages_is_rerunnable_and_copies_only_complete_stages(tmp_path, monkeypatch):
-    import tdcompress.pipeline as pipeline_mod
+    # (reuse_stages writes state.json in the run folder's module)
+    import tdcompress.pipeline.runfolder as runfolder_mod
 
     a = load_config(write_cfg(tmp_path / "a.yaml", tmp_path / "a"))
     Pipeline(a).run(("train", "plan", "admm", "decompose"))
@@ -602,17 +603,17 @@ def test_reuse_stages_is_rerunnable_and_copies_only_complete_stages(tmp_path, mo
     assert Pipeline(load_config(other)).reuse_stages("a") == []
     # a killed copy (before the state was written) is redone without duplicate rows
     b_yaml = write_cfg(tmp_path / "b.yaml", tmp_path / "b")
-    real = pipeline_mod.atomic_write_text
+    real = runfolder_mod.atomic_write_text
 
     def dies_at_state(path, text):
         if Path(path).name == "state.json":
             raise KeyboardInterrupt
         real(path, text)
 
-    monkeypatch.setattr(pipeline_mod, "atomic_write_text", dies_at_state)
+    monkeypatch.setattr(runfolder_mod, "atomic_write_text", dies_at_state)
     with pytest.raises(KeyboardInterrupt):
         Pipeline(load_config(b_yaml)).reuse_stages(src)
-    monkeypatch.setattr(pipeline_mod, "atomic_write_text", real)
+    monkeypatch.setattr(runfolder_mod, "atomic_write_text", real)
     assert Pipeline(load_config(b_yaml)).reuse_stages(src) == ["train", "plan", "admm", "decompose"]
     rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     src_rows = (src / "metrics.jsonl").read_text().splitlines()
