@@ -132,7 +132,8 @@ def run_model(config: Path, out_dir: Path, data_root: str, dense: bool) -> nn.Mo
     from tdcompress.pipeline import Pipeline
     from tdcompress.train.checkpoint import load_checkpoint
 
-    cfg = load_config(config)
+    recorded = Path(out_dir) / "config.json"  # the settings the run was made with
+    cfg = load_config(recorded if recorded.is_file() else config)
     cfg.runtime.out_dir = str(out_dir)
     cfg.data.root = data_root
     p = Pipeline(cfg)
