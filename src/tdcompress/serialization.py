@@ -30,6 +30,7 @@ from tdcompress.layers._base import (
     structural_spec,
 )
 from tdcompress.planning import CompressionPlan, _is_conv1d
+from tdcompress.surgery import _parent
 from tdcompress.wrappers import unwrap_model
 
 __all__ = [
@@ -189,13 +190,6 @@ def _build_from_plan(model: nn.Module, plan: CompressionPlan) -> None:
     plan.check_model(model)
     with no_init(), torch.no_grad():
         _replace_layers(model, plan, None, "random")  # (random: nothing decomposed)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if "." in name:
-        path, attr = name.rsplit(".", 1)
-        return model.get_submodule(path), attr
-    return model, name
 
 
 def _build_from_records(
