@@ -249,3 +249,99 @@ def test_onnx_runtime_folds_the_rebuilt_kernels_once_at_load(tmp_path):
     assert w is not None and list(w.dims) == [64, 64, 3, 3]
     # and nothing of the rebuild is left to run per call: no Einsum / MatMul on cores only
     assert not any(n.op_type == "Einsum" for n in loaded.graph.node)
+
+
+def test_eager_inference_keeps_the_rebuilt_kernel_until_a_parameter_changes(
+    factorized_net, monkeypatch
+):
+    """No grad, eager: a rebuilt layer computes its kernel once and keeps it (as ONNX
+    Runtime folds it at load); any change of its parameters (an optimizer step,
+    load_state_dict), train(), autograd and folding(False) each rebuild (or drop) it."""
+    from tdcompress.layers import folding, set_model_execution
+
+    model = factorized_net().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    assert set_model_execution(model, "rebuilt") == FACTORIZED
+    builds: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLayer):
+            real = m.to_dense
+            monkeypatch.setattr(
+                m, "to_dense", lambda real=real, name=name: builds.append(name) or real()
+            )
+    with torch.no_grad():
+        got = model(x)
+        assert builds == FACTORIZED  # built once each
+        torch.testing.assert_close(model(x), got, rtol=0, atol=0)
+        assert builds == FACTORIZED  # ... and kept
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # an in-place change of one layer's cores rebuilds that layer alone
+    layer = model.get_submodule("10")
+    with torch.no_grad():
+        layer.cores[0].mul_(2.0)
+        builds.clear()
+        changed = model(x)
+    assert builds == ["10"] and not torch.allclose(changed, got)
+    with torch.no_grad():
+        layer.cores[0].div_(2.0)
+        torch.testing.assert_close(model(x), got, rtol=1e-12, atol=1e-12)
+    # load_state_dict (copy_ into the parameters) rebuilds every layer it touches
+    builds.clear()
+    model.load_state_dict(copy.deepcopy(model.state_dict()))
+    with torch.no_grad():
+        model(x)
+    assert sorted(builds) == sorted(FACTORIZED)
+    # autograd: rebuilt in every call, gradients reach the cores
+    builds.clear()
+    model(x).sum().backward()
+    model(x)
+    assert builds == FACTORIZED * 2 and layer.cores[0].grad is not None
+    # folding(False): rebuilt in every call; train() drops the kept kernels
+    with torch.no_grad(), folding(False):
+        builds.clear()
+        model(x)
+        model(x)
+    assert builds == FACTORIZED * 2
+    with torch.no_grad():
+        model(x)
+    assert all("_folded" in m.__dict__ for m in model.modules() if isinstance(m, FactorizedLayer))
+    model.train()
+    assert not any("_folded" in m.__dict__ for m in model.modules())
+
+
+def test_set_model_execution_rebuilt_trains_with_the_same_gradients(factorized_net):
+    """ANY_SHAPE: every shape without a choice of its own; training in float64 gives the
+    factorized forward's outputs and gradients (here in train mode, BatchNorm included)."""
+    from tdcompress.layers import ANY_SHAPE, set_model_execution
+
+    model = factorized_net().double().train()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    want, want_g = _grads(model, x)
+    rebuilt = copy.deepcopy(model)
+    set_model_execution(rebuilt, "rebuilt")
+    assert all(m == {ANY_SHAPE: "rebuilt"} for m in execution_modes(rebuilt).values())
+    got, got_g = _grads(rebuilt, x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # a choice for a shape of its own wins over ANY_SHAPE
+    set_execution(rebuilt.get_submodule("10"), (3,), "factorized")
+    assert _base.chosen_mode(rebuilt.get_submodule("10"), torch.zeros(3, 10)) == "factorized"
+    with pytest.raises(ValueError, match=r"mode must be one of \['factorized', 'rebuilt'\]"):
+        set_model_execution(rebuilt, "dense")
+
+
+def test_compiled_inference_in_rebuilt_mode_has_no_graph_break(factorized_net):
+    """Under torch.compile (no grad) the kept kernel is not used (the graph rebuilds it
+    from the cores): fullgraph compiles and matches eager."""
+    from tdcompress.layers import set_model_execution
+
+    torch._dynamo.reset()
+    model = factorized_net().eval()
+    set_model_execution(model, "rebuilt")
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)

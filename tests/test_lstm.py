@@ -269,3 +269,75 @@ def test_meta_device_like_nn_lstm() -> None:
     got, want = f(x), ref(x)
     assert [t.shape for t in (got[0], *got[1])] == [t.shape for t in (want[0], *want[1])]
     assert all(t.device.type == "meta" for t in (got[0], *got[1]))
+
+
+def _rebuilt(layer: nn.Module) -> nn.Module:
+    from tdcompress.layers import ANY_SHAPE, set_execution
+
+    set_execution(layer, ANY_SHAPE, "rebuilt")
+    return layer
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["dense", "rebuilt", "own_bias", "one_factorized"])
+def test_eager_inference_runs_pytorch_lstm_kernel_with_the_same_result(
+    batch_first, bias, kind, monkeypatch
+) -> None:
+    """No grad, eager: input layers that run as one dense matrix (nn.Linear, or factorized
+    and chosen "rebuilt", its kernel kept) go through PyTorch's LSTM kernel; the oracle is
+    the same module with autograd on (the hand-written recurrence), and nn.LSTM."""
+    import tdcompress.layers.lstm as lstm_mod
+
+    torch.manual_seed(4)
+    ref = nn.LSTM(6, 4, num_layers=2, bias=bias, batch_first=batch_first).double()
+    if kind == "dense":
+        layers = None
+    elif kind == "rebuilt":
+        layers = [_rebuilt(_tt_full_rank(_dense_ih(ref, 0))), None]
+    elif kind == "own_bias":  # a bias of the input layer's own, on top of the LSTM's
+        layers = [_rebuilt(LowRankLinear(6, 16, 3, bias=True, dtype=D)), None]
+    else:  # one layer factorized (not rebuilt): every layer runs the hand-written loop
+        layers = [None, LowRankLinear.from_dense(_dense_ih(ref, 1), 4)]
+    f = FactorizedLSTM.from_lstm(ref, layers).eval()
+    loops: list[int] = []
+    real = lstm_mod.recurrence
+    monkeypatch.setattr(
+        lstm_mod, "recurrence", lambda *a: loops.append(1) or real(*a)
+    )  # fmt: skip
+    T, B = 5, 3
+    x = torch.randn(*((B, T) if batch_first else (T, B)), 6, dtype=D)
+    h0, c0 = torch.randn(2, B, 4, dtype=D), torch.randn(2, B, 4, dtype=D)
+    xu = x[0] if batch_first else x[:, 0]
+    for args in ((x, (h0, c0)), (x,), (xu, (h0[:, 0], c0[:, 0]))):
+        want = f(*args)  # autograd on: the hand-written loop
+        assert loops, "the grad-enabled forward must run the hand-written recurrence"
+        loops.clear()
+        with torch.no_grad():
+            got = f(*args)
+        assert bool(loops) == (kind == "one_factorized")
+        loops.clear()
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+        ):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        if kind != "own_bias":
+            with torch.no_grad():
+                for a, b in zip(
+                    torch.utils._pytree.tree_leaves(got),
+                    torch.utils._pytree.tree_leaves(ref(*args)),
+                ):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_eager_inference_with_dropout_in_training_mode_matches_nn_lstm() -> None:
+    """No grad but training mode: the kernel's dropout between layers, as nn.LSTM's."""
+    ref = nn.LSTM(6, 4, num_layers=2, dropout=0.5).double()
+    f = FactorizedLSTM.from_lstm(ref).train()
+    x = torch.randn(5, 3, 6, dtype=D)
+    with torch.no_grad():
+        torch.manual_seed(7)
+        got = f(x)[0]
+        torch.manual_seed(7)
+        want = ref(x)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

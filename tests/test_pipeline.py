@@ -279,6 +279,7 @@ def test_numbers_in_exponent_notation_are_numbers_and_strings_are_refused():
         (["dense.optim.milestones=[100, 150]"], r"milestones must be fractions .* in \(0, 1\]"),
         (["admm.mode=hook", "runtime.amp=fp16"], r"admm\.mode must be 'penalty' with runtime"),
         (["finetune.optim.momentum=1.5"], r"finetune\.optim\.momentum must be in \[0, 1\)"),
+        (["runtime.execution=dense"], r"runtime\.execution must be one of \['factorized', 're"),
     ],
 )
 def test_settings_a_stage_would_refuse_hours_later_are_refused_at_load(sets, msg):
@@ -353,6 +354,39 @@ def test_random_init_trains_the_factorized_architecture_from_scratch(tmp_path):
     assert not [k for k in scratch if is_tensor(scratch[k]) and same(scratch[k], from_dense[k])]
     with pytest.raises(ValueError, match=r"compress\.init must be one of"):
         load_config(None, ["compress.init=zeros"])
+
+
+def test_runtime_execution_rebuilt_fine_tunes_the_same_model(tmp_path):
+    """runtime.execution: rebuilt runs the factorized layers through their rebuilt kernels
+    in fine-tuning and evaluation: the same function, so (one step, float64 sums aside)
+    the same fine-tuned weights as the factorized run."""
+    from tdcompress.layers import ANY_SHAPE, execution_modes
+
+    over = {"format": "tt", "ranks": 4}
+    runs = {}
+    for mode in ("factorized", "rebuilt"):
+        cfg = load_config(
+            write_cfg(
+                tmp_path / f"{mode}.yaml",
+                tmp_path / mode,
+                compress=over,
+                admm={"epochs": 0},
+                finetune={"epochs": 1},
+                runtime={"execution": mode},
+            )
+        )
+        p = Pipeline(cfg)
+        p.run(("train", "plan", "admm", "decompose", "finetune"))
+        modes = execution_modes(p.compressed_model())
+        assert modes and all(
+            m == ({ANY_SHAPE: "rebuilt"} if mode == "rebuilt" else {}) for m in modes.values()
+        )
+        runs[mode] = torch.load(tmp_path / mode / "finetuned.pt")["model"]
+    a, b = runs["factorized"], runs["rebuilt"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if is_tensor(a[k]) and a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_missing_dense_checkpoint_names_the_option(tmp_path):

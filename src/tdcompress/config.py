@@ -124,6 +124,11 @@ class RuntimeConfig:
     # a second folder (e.g. committed under benchmarks/checkpoints/) that mirrors the run's
     # resumable state after every epoch; an empty out_dir starts from it (train/keep.py)
     keep_dir: str | None = None
+    # how the factorized layers run in the fine-tuning (and evaluation) of the compressed
+    # model: "factorized" (their contraction) or "rebuilt" (one dense op on the kernel
+    # rebuilt from the cores in every step; the same function and gradients, often faster
+    # at training batch sizes: tdcompress.layers.set_model_execution)
+    execution: str = "factorized"
 
 
 @dataclass
@@ -272,6 +277,7 @@ def _choices() -> dict[tuple[str, str], tuple[Any, ...]]:
     that defines it (imported here, as the data and format checks do: this module imports
     no torch)."""
     from tdcompress.admm import MODES
+    from tdcompress.layers import EXECUTION_MODES
     from tdcompress.planning import ALLOCATIONS
     from tdcompress.surgery import INITS
     from tdcompress.train.loop import AMP_MODES
@@ -281,6 +287,7 @@ def _choices() -> dict[tuple[str, str], tuple[Any, ...]]:
         ("compress", "allocation"): ALLOCATIONS,
         ("admm", "mode"): MODES,
         ("runtime", "amp"): AMP_MODES,
+        ("runtime", "execution"): EXECUTION_MODES,
     }
 
 

@@ -5,13 +5,17 @@ faster); the registry of which layer builds each format (:func:`build`,
 :func:`register_layer`)."""
 
 from tdcompress.layers._base import (
+    ANY_SHAPE,
     EXECUTION_MODES,
     ExecutionRecord,
     choose_execution,
     clear_execution,
     execution_modes,
+    folded_weight,
+    folding,
     rebuilt_layers,
     set_execution,
+    set_model_execution,
     warm_plans,
 )
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
@@ -28,13 +32,17 @@ from tdcompress.layers.tt import TTConv2d, TTLinear
 from tdcompress.layers.tucker2 import Tucker2Conv2d
 
 __all__ = [
+    "ANY_SHAPE",
     "EXECUTION_MODES",
     "ExecutionRecord",
     "choose_execution",
     "clear_execution",
     "execution_modes",
+    "folded_weight",
+    "folding",
     "rebuilt_layers",
     "set_execution",
+    "set_model_execution",
     "FactorizedLSTM",
     "LowRankConv2d",
     "LowRankLinear",

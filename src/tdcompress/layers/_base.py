@@ -76,6 +76,11 @@ __all__ = [
     "rebuilt_layers",
     "run_chosen",
     "set_execution",
+    "ANY_SHAPE",
+    "set_model_execution",
+    "chosen_mode",
+    "folded_weight",
+    "folding",
 ]
 
 
@@ -523,6 +528,13 @@ class FactorizedLayer(nn.Module):
     ) -> FactorizedLayer:
         raise NotImplementedError
 
+    def train(self, mode: bool = True) -> FactorizedLayer:
+        """``nn.Module.train``; also drops a dense kernel kept for eager inference
+        (:func:`folded_weight`), whose memory training does not need."""
+        if mode:
+            self.__dict__.pop("_folded", None)
+        return super().train(mode)
+
     def to_dense(self) -> torch.Tensor:
         """The full weight, with the dense layer's weight shape (differentiable)."""
         return self.structure.reconstruct(list(self.cores))
@@ -767,24 +779,100 @@ def rebuilt_forward(
     )
 
 
-def run_chosen(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor | None:
-    """The forward of a layer whose execution choice for ``x`` is ``"rebuilt"``; ``None``
-    otherwise (the caller runs its factorized plan). Called by every factorized forward once
-    its input is validated; a lookup in a plain dict, so ``torch.compile`` traces it as a
-    constant (no graph break; a changed choice recompiles through the dict's guard)."""
+def chosen_mode(layer: FactorizedLayer, x: torch.Tensor) -> str:
+    """The mode ``layer`` runs ``x`` in: its choice for ``x``'s key, else its choice for
+    :data:`ANY_SHAPE`, else ``"factorized"``. A lookup in a plain dict, so ``torch.compile``
+    traces it as a constant (no graph break; a changed choice recompiles through the dict's
+    guard)."""
     modes = layer._execution
-    if modes and modes.get(execution_key(layer, x)) == "rebuilt":
-        return rebuilt_forward(layer, x)
+    if not modes:
+        return "factorized"
+    return modes.get(execution_key(layer, x), modes.get(ANY_SHAPE, "factorized"))
+
+
+def run_chosen(layer: FactorizedLayer, x: torch.Tensor) -> torch.Tensor | None:
+    """The forward of a layer whose execution choice for ``x`` is ``"rebuilt"`` (through
+    :func:`folded_weight`); ``None`` otherwise (the caller runs its factorized plan). Called
+    by every factorized forward once its input is validated."""
+    if chosen_mode(layer, x) == "rebuilt":
+        return rebuilt_forward(layer, x, folded_weight(layer))
     return None
 
 
+#: the key of a layer's execution choice for every input shape without a choice of its own
+#: (``set_execution(layer, ANY_SHAPE, "rebuilt")``: e.g. rebuilt in training)
+ANY_SHAPE: tuple[Any, ...] = ()
+
+_no_folding = threading.local()
+
+
+@contextlib.contextmanager
+def folding(enabled: bool) -> Iterator[None]:
+    """Allow (default) or forbid :func:`folded_weight`'s kept kernel within the block, in
+    this thread (forbidden: eager inference rebuilds the kernel in every call, as training
+    and compiled graphs do)."""
+    old = getattr(_no_folding, "on", False)
+    _no_folding.on = not enabled
+    try:
+        yield
+    finally:
+        _no_folding.on = old
+
+
+def _eager_inference() -> bool:
+    """True in eager PyTorch without autograd: not tracing, compiling or exporting."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing():
+        return False
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting", "is_dynamo_compiling"):
+        fn = getattr(compiler, name, None)
+        if fn is not None and fn():
+            return False
+    return True
+
+
+def folded_weight(layer: FactorizedLayer) -> torch.Tensor | None:
+    """The dense kernel of ``layer`` computed once and kept, in eager inference (no grad,
+    not tracing, compiling or exporting): as ONNX Runtime folds the rebuild at load, eager
+    inference then runs a rebuilt layer at the dense layer's speed, for one dense kernel of
+    memory per rebuilt layer. The kept kernel is recomputed when any parameter of the layer
+    changes (storage or version counter: an optimizer step, ``load_state_dict``, ``.to()``)
+    and dropped by ``train()``. ``None`` elsewhere (training, tracing, export, or within
+    ``folding(False)``): the caller rebuilds in the forward, so gradients reach the cores
+    and exported graphs keep them."""
+    if getattr(_no_folding, "on", False) or not _eager_inference():
+        return None
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in layer.parameters())
+    kept = layer.__dict__.get("_folded")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    w = layer.to_dense()
+    layer.__dict__["_folded"] = (key, w)
+    return w
+
+
 def set_execution(layer: FactorizedLayer, key: tuple[Any, ...], mode: str) -> None:
-    """Make ``layer`` run inputs of ``key`` (:func:`execution_key`) in ``mode``."""
+    """Make ``layer`` run inputs of ``key`` (:func:`execution_key`; :data:`ANY_SHAPE`: every
+    shape without a choice of its own) in ``mode``."""
     if mode not in EXECUTION_MODES:
         raise ValueError(f"mode must be one of {list(EXECUTION_MODES)}, got {mode!r}")
     if "_execution" not in layer.__dict__:  # (a layer unpickled from an older tdcompress)
         layer._execution = {}
     layer._execution[tuple(key)] = mode
+
+
+def set_model_execution(model: nn.Module, mode: str) -> list[str]:
+    """Make every factorized layer of ``model`` run every input shape without a choice of
+    its own in ``mode`` (:data:`ANY_SHAPE`); e.g. ``"rebuilt"`` for training, where one
+    dense GEMM on the kernel rebuilt from the cores (gradients reach the cores through the
+    rebuild) often beats the factorized contraction at large batches. Returns the layers'
+    names."""
+    if mode not in EXECUTION_MODES:
+        raise ValueError(f"mode must be one of {list(EXECUTION_MODES)}, got {mode!r}")
+    names = [n for n, m in model.named_modules() if _is_factorized(m)]
+    for n in names:
+        set_execution(model.get_submodule(n), ANY_SHAPE, mode)  # type: ignore[arg-type]
+    return names
 
 
 def execution_modes(model: nn.Module) -> dict[str, dict[tuple[Any, ...], str]]:
@@ -851,9 +939,10 @@ def choose_execution(
     no grad; BatchNorm statistics untouched), on the model's device, both modes interleaved
     ``warmup + repeats`` times; the medians of the last ``repeats`` decide. ``rebuilt`` wins
     only when at least ``margin`` (a fraction) faster. ``folded``: time the rebuilt mode with
-    the dense weight computed once, as a runtime that folds the rebuild at load runs it
-    (ONNX Runtime, a frozen compiled graph); by default the rebuild is timed in every call,
-    as eager PyTorch runs it. ``force``: set that mode everywhere without timing. Plans are
+    the dense weight computed once, as eager inference (:func:`folded_weight`) and a runtime
+    that folds the rebuild at load (ONNX Runtime) run it; by default the rebuild is timed in
+    every call, as training and ``torch.compile`` run it (a choice for both: time the
+    rebuild). ``force``: set that mode everywhere without timing. Plans are
     warmed first (:func:`warm_plans`); a shape with a batch >= 2 also sets the choice for a
     batch ``torch.compile`` leaves symbolic (that of the largest such batch), so call this
     before compiling or exporting. Returns one record per layer and key."""
@@ -946,7 +1035,8 @@ def _time_modes(
             rebuilt_forward(layer, x, weight)
         else:
             set_execution(layer, key, "rebuilt")
-            layer(x)
+            with folding(False):  # (the rebuild in every call, as training and compile run it)
+                layer(x)
 
     times: dict[str, list[float]] = {"f": [], "r": []}
     for k in range(warmup + repeats):

@@ -20,7 +20,11 @@ from torch import nn
 from tdcompress.layers._base import (
     EXTRA_STATE_VERSION,
     RECORD_KEY,
+    FactorizedLayer,
+    _eager_inference,
     check_record,
+    chosen_mode,
+    folded_weight,
     init_skipped,
     load_with_record,
 )
@@ -305,6 +309,43 @@ class FactorizedLSTM(nn.Module):
                 "from the file (tdcompress.load_compressed)"
             )
 
+    @property
+    def _has_extra(self) -> bool:
+        """Whether some input layer has a bias of its own."""
+        return any(getattr(m, "bias", None) is not None for m in self.input_layers)
+
+    def _dense_inputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """In eager inference (no grad, not tracing, compiling or exporting) where every
+        input layer runs the rows of ``x`` as one dense matrix (a plain ``nn.Linear``, or a
+        factorized layer whose execution choice for them is ``"rebuilt"``, its kernel kept by
+        :func:`~tdcompress.layers._base.folded_weight`): the flat weights of PyTorch's LSTM
+        kernel (``w_ih, w_hh[, b_ih, b_hh]`` per layer, an input layer's own bias added to
+        ``b_ih``). ``None`` otherwise: the layers run one by one."""
+        if not _eager_inference():
+            return None
+        flat: list[torch.Tensor] = []
+        params = self._parameters
+        for k, m in enumerate(self.input_layers):
+            if type(m) is nn.Linear:
+                w, extra = m.weight, m.bias
+            elif isinstance(m, FactorizedLayer) and chosen_mode(m, x) == "rebuilt":
+                w, extra = folded_weight(m), m.bias
+                if w is None:
+                    return None
+            else:
+                return None
+            b_ih, b_hh = params[f"bias_ih_l{k}"], params[f"bias_hh_l{k}"]
+            flat += [w, params[f"weight_hh_l{k}"]]
+            if extra is not None:
+                b_ih = extra if b_ih is None else b_ih + extra
+                b_hh = torch.zeros_like(extra) if b_hh is None else b_hh
+            if b_ih is not None:
+                flat += [b_ih, b_hh]
+            elif self.bias or self._has_extra:
+                zero = w.new_zeros(w.shape[0])
+                flat += [zero, zero]
+        return flat
+
     #: ``nn.LSTM`` attributes for code that inspects them (neither option is supported)
     bidirectional = False
     proj_size = 0
@@ -366,18 +407,25 @@ class FactorizedLSTM(nn.Module):
             self._check_state(c0, "c_0", None if unbatched else B)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        hn, cn = [], []
-        for k in range(L):
-            if k > 0 and self.dropout > 0.0 and self.training:
-                x = F.dropout(x, self.dropout, True)
-            gx = self.input_layers[k](x.reshape(-1, x.shape[-1])).reshape(T, -1, 4 * H)
-            b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
-            if b_ih is not None:
-                gx = gx + (b_ih + b_hh)
-            x, h, c = recurrence(gx, h0[k], c0[k], getattr(self, f"weight_hh_l{k}"))
-            hn.append(h)
-            cn.append(c)
-        h_n, c_n = torch.stack(hn), torch.stack(cn)
+        dense = self._dense_inputs(x)
+        if dense is not None:  # eager inference: PyTorch's own LSTM kernel, all layers at once
+            x, h_n, c_n = torch._VF.lstm(  # type: ignore[attr-defined]
+                x, (h0, c0), dense, self.bias or self._has_extra, L,
+                self.dropout, self.training, False, False,
+            )  # fmt: skip
+        else:
+            hn, cn = [], []
+            for k in range(L):
+                if k > 0 and self.dropout > 0.0 and self.training:
+                    x = F.dropout(x, self.dropout, True)
+                gx = self.input_layers[k](x.reshape(-1, x.shape[-1])).reshape(T, -1, 4 * H)
+                b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+                if b_ih is not None:
+                    gx = gx + (b_ih + b_hh)
+                x, h, c = recurrence(gx, h0[k], c0[k], getattr(self, f"weight_hh_l{k}"))
+                hn.append(h)
+                cn.append(c)
+            h_n, c_n = torch.stack(hn), torch.stack(cn)
         if unbatched:
             return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tdcompress.config import Config
+from tdcompress.layers import set_model_execution
 from tdcompress.pipeline.phase import (
     TrainingPhase,
     lr_factor,  # noqa: F401 (re-exported)
@@ -148,6 +149,8 @@ class Pipeline(RunFolder, TrainingPhase):
             plan=self.load_plan(),
             map_location=self.device,
         )
+        if self.cfg.runtime.execution != "factorized":
+            set_model_execution(model, self.cfg.runtime.execution)
         return self._prepare(model)
 
     def _save_compressed(self, model: nn.Module, checkpoint: str) -> None:
