@@ -9,10 +9,12 @@ peak resident memory of a fresh process that loads the model and runs one forwar
 largest batch (eager and ONNX Runtime).
 
 The compressed model first makes its per-layer execution choice
-(:func:`tdcompress.layers.choose_execution`): for eager and compiled PyTorch timing the
-rebuild in every call, for ONNX Runtime as folded at load (``folded=True``); the layers that
-run rebuilt are listed per runtime. Timings on a loaded machine are not results: rerun on a
-quiet one (docs/performance.md).
+(:func:`tdcompress.layers.choose_execution`) per runtime: for eager PyTorch and ONNX Runtime
+with the rebuilt kernel computed once (eager inference keeps it,
+:func:`tdcompress.layers.folded_weight`; ONNX Runtime folds it at load: ``folded=True``),
+for ``torch.compile`` with the rebuild in every call (the compiled graph rebuilds it); the
+layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
+results: rerun on a quiet one (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def bench_models(
                 m = copy.deepcopy(model)
                 if choose:
                     torch.set_num_threads(threads[0])
-                    choose_execution(m, shapes, repeats=choice_repeats, folded=rt == "onnxruntime")
+                    choose_execution(m, shapes, repeats=choice_repeats, folded=rt != "compile")
                     rec["rebuilt_layers"][rt] = rebuilt_layers(m)
                 prepared[(label, rt)] = m
             if "onnxruntime" in runtimes:
