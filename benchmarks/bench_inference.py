@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="add channels_last + torch.compile")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/inference.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/inference-layouts.json")
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if any(b < 1 for b in args.batches):
