@@ -25,9 +25,9 @@ batch >= 8 where the plan cuts MACs 5x or more, ``ort_1.5x`` (speedup >= 1.5). T
 load (``os.getloadavg()``, /proc/pressure/cpu ``avg10``) is recorded before and after each
 group: timings on a loaded machine are not results.
 
-The models run in the default (NCHW) layout: ``bench_models`` feeds contiguous inputs and
-applies no ``runtime.channels_last``, although the ResNet configs train in channels_last
-(recorded per group as ``config_channels_last``).
+A group whose configs set ``runtime.channels_last`` (the ResNets) runs in channels_last in
+eager and compiled PyTorch (``bench_models(channels_last=True)``); ONNX graphs have one
+layout.
 
 The output is resumable per group: a group already in ``--out`` is skipped unless
 ``--force``, and the file is rewritten (atomically) after every group, so a quiet window can
@@ -51,7 +51,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,21 +252,6 @@ def machine_load() -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def _compile_limits() -> Iterator[None]:
-    """Raise dynamo's recompile limits: every (model, batch, threads) case compiles the same
-    forward code again, and past the default limit (8) the later cases would run eager."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    limits = {name: 4096}
-    for acc in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, acc):
-            limits[acc] = 8192
-            break
-    with cfg.patch(**limits):
-        yield
-
-
 def add_checks(doc: dict[str, Any], macs_reduction: dict[str, float | None]) -> None:
     """Give each compressed row of a :func:`bench_models` document its MAC reduction and the
     checks ``never_slower`` and ``ort_1.5x`` (None where the check does not apply)."""
@@ -310,19 +295,18 @@ def run_group(group: Group, args: argparse.Namespace) -> dict[str, Any]:
     before = machine_load()
     t0 = time.perf_counter()
     macs = group.macs()
-    limits = _compile_limits() if "compile" in args.runtimes else contextlib.nullcontext()
-    with limits:
-        doc = bench_models(
-            group.models,
-            group.input_shape,
-            batch_sizes=args.batch_sizes,
-            threads=args.threads,
-            runtimes=args.runtimes,
-            repeats=args.repeats,
-            choice_repeats=args.choice_repeats,
-            memory=args.memory,
-            macs=macs,
-        )
+    doc = bench_models(
+        group.models,
+        group.input_shape,
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        runtimes=args.runtimes,
+        repeats=args.repeats,
+        choice_repeats=args.choice_repeats,
+        memory=args.memory,
+        macs=macs,
+        channels_last=group.channels_last,
+    )
     wall = time.perf_counter() - t0
     reduction = {k: p.macs_reduction for k, p in group.plans.items()}
     add_checks(doc, reduction)
@@ -352,7 +336,7 @@ def run_group(group: Group, args: argparse.Namespace) -> dict[str, Any]:
             for k in ("batch_sizes", "threads", "runtimes", "repeats", "choice_repeats", "memory")
         },
         "input_shape": list(group.input_shape[1:]),
-        "layout": "contiguous (NCHW for images): bench_models applies no channels_last",
+        "layout": "channels_last (eager, compile)" if group.channels_last else "contiguous",
         "config_channels_last": group.channels_last,
         "plans": plans,
         "aliases": group.aliases,

@@ -307,6 +307,8 @@ def test_eager_inference_keeps_the_rebuilt_kernel_until_a_parameter_changes(
     with torch.no_grad():
         model(x)
     assert all("_folded" in m.__dict__ for m in model.modules() if isinstance(m, FactorizedLayer))
+    # not pickled (torch.save of the module, deepcopy): the file keeps the compressed size
+    assert not any("_folded" in m.__dict__ for m in copy.deepcopy(model).modules())
     model.train()
     assert not any("_folded" in m.__dict__ for m in model.modules())
 

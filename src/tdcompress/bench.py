@@ -19,6 +19,7 @@ results: rerun on a quiet one (docs/performance.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -28,7 +29,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +79,14 @@ def bench_models(
     memory: bool = True,
     macs: dict[str, int | None] | None = None,
     workdir: str | os.PathLike[str] | None = None,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """Time ``models`` (label -> model; the first is the reference, e.g. ``"dense"``) on
     inputs of ``(batch, *input_shape[1:])``, on CPU. ``choose``: let the factorized layers
     make their execution choice first. ``memory``: also measure the peak memory of a fresh
-    process per model and runtime (eager, ONNX Runtime). Returns the JSON-able document
-    :func:`format_table` prints."""
+    process per model and runtime (eager, ONNX Runtime). ``channels_last``: 4-d inputs and
+    the models in that layout for eager and compiled PyTorch (ONNX graphs have one layout).
+    Returns the JSON-able document :func:`format_table` prints."""
     batch_sizes = list(dict.fromkeys(batch_sizes))
     threads = list(dict.fromkeys(threads))
     runtimes = list(dict.fromkeys(runtimes))
@@ -97,7 +100,9 @@ def bench_models(
     info: dict[str, dict[str, Any]] = {}
     fns: dict[tuple[str, str, int, int], Callable[[], float]] = {}
     old_threads = torch.get_num_threads()
+    limits = _compile_limits() if "compile" in runtimes else contextlib.nullcontext()
     try:
+        limits.__enter__()
         prepared: dict[tuple[str, str], nn.Module] = {}
         for label, model in models.items():
             model = copy.deepcopy(model).cpu().float().eval()
@@ -108,9 +113,18 @@ def bench_models(
             }
             for rt in runtimes:
                 m = copy.deepcopy(model)
+                nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
+                if nhwc:
+                    m = m.to(memory_format=torch.channels_last)
                 if choose:
                     torch.set_num_threads(threads[0])
-                    choose_execution(m, shapes, repeats=choice_repeats, folded=rt != "compile")
+                    choose_execution(
+                        m,
+                        shapes,
+                        repeats=choice_repeats,
+                        folded=rt != "compile",
+                        channels_last=nhwc,
+                    )
                     rec["rebuilt_layers"][rt] = rebuilt_layers(m)
                 prepared[(label, rt)] = m
             if "onnxruntime" in runtimes:
@@ -123,7 +137,8 @@ def bench_models(
             torch.set_num_threads(t)
             for (label, rt), m in prepared.items():
                 for b in batch_sizes:
-                    fns[(label, rt, t, b)] = _forward(m, rt, (b, *shape), t, tmp / label)
+                    nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
+                    fns[(label, rt, t, b)] = _forward(m, rt, (b, *shape), t, tmp / label, nhwc)
         times: dict[tuple[str, str, int, int], list[float]] = {k: [] for k in fns}
         for t in threads:
             torch.set_num_threads(t)
@@ -141,6 +156,7 @@ def bench_models(
                             prepared[(label, rt)], rt, big, threads[0], tmp / f"mem-{label}"
                         )
     finally:
+        limits.__exit__(None, None, None)
         torch.set_num_threads(old_threads)
         import shutil
 
@@ -178,6 +194,21 @@ def bench_models(
     }
 
 
+@contextlib.contextmanager
+def _compile_limits() -> Iterator[None]:
+    """Raise dynamo's recompile limits: every (model, batch, threads) case compiles the same
+    forward code again, and past the default limit (8) the later cases would run eager."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    limits = {name: 4096}
+    for acc in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, acc):
+            limits[acc] = 8192
+            break
+    with cfg.patch(**limits):
+        yield
+
+
 def _version(mod: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -188,10 +219,17 @@ def _version(mod: str) -> str | None:
 
 
 def _forward(
-    model: nn.Module, runtime: str, shape: tuple[int, ...], threads: int, folder: Path
+    model: nn.Module,
+    runtime: str,
+    shape: tuple[int, ...],
+    threads: int,
+    folder: Path,
+    channels_last: bool = False,
 ) -> Callable[[], float]:
     """A timed forward (seconds per call) of ``model`` in ``runtime`` at ``shape``, warmed."""
     x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     calls = max(1, 8 // shape[0])  # several calls at small batches: a few ms per sample
     if runtime == "onnxruntime":
         import onnxruntime as ort
@@ -215,7 +253,7 @@ def _forward(
         if runtime == "compile":
             from tdcompress.layers import warm_plans
 
-            warm_plans(model, [shape])
+            warm_plans(model, [shape], channels_last=channels_last)
             m = torch.compile(model, dynamic=False)
 
         def call() -> None:
@@ -264,22 +302,41 @@ def _child_rss(
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return r / (1024 * 1024) if platform.system() == "Darwin" else r / 1024
 
+    def now() -> float:  # the current RSS, after resetting the peak (Linux >= 4.0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return rss()  # (no reset: the peak of the imports may hide the model's)
+
+    def peak() -> float:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return rss()
+
     x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        base = rss()
+        base = now()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         sess.run(None, {sess.get_inputs()[0].name: x})
-        return base, rss()
+        return base, peak()
     torch.set_num_threads(threads)
-    base = rss()
+    base = now()
     model = torch.load(path, weights_only=False)
     with torch.no_grad():
         model(torch.from_numpy(x))
-    return base, rss()
+    return base, peak()
 
 
 def bench_run(

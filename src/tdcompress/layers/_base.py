@@ -528,6 +528,13 @@ class FactorizedLayer(nn.Module):
     ) -> FactorizedLayer:
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The pickled state (``torch.save(model)``, ``copy.deepcopy``) without a dense
+        kernel kept for eager inference (:func:`folded_weight`)."""
+        state = dict(super().__getstate__())
+        state.pop("_folded", None)
+        return state
+
     def train(self, mode: bool = True) -> FactorizedLayer:
         """``nn.Module.train``; also drops a dense kernel kept for eager inference
         (:func:`folded_weight`), whose memory training does not need."""
