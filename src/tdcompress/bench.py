@@ -133,12 +133,16 @@ def bench_models(
                 res = export_model(m, x1, tmp / f"{label}-b1.onnx")
                 rec["onnx_bytes"] = res.file_bytes
             info[label] = rec
+        built: dict[tuple[Any, ...], Any] = {}  # compiled modules and ONNX files, reused
         for t in threads:
             torch.set_num_threads(t)
             for (label, rt), m in prepared.items():
                 for b in batch_sizes:
                     nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
-                    fns[(label, rt, t, b)] = _forward(m, rt, (b, *shape), t, tmp / label, nhwc)
+                    fns[(label, rt, t, b)] = _forward(
+                        m, rt, (b, *shape), t, tmp / label, nhwc, built
+                    )
+        del built
         times: dict[tuple[str, str, int, int], list[float]] = {k: [] for k in fns}
         for t in threads:
             torch.set_num_threads(t)
@@ -225,8 +229,12 @@ def _forward(
     threads: int,
     folder: Path,
     channels_last: bool = False,
+    built: dict[tuple[Any, ...], Any] | None = None,
 ) -> Callable[[], float]:
-    """A timed forward (seconds per call) of ``model`` in ``runtime`` at ``shape``, warmed."""
+    """A timed forward (seconds per call) of ``model`` in ``runtime`` at ``shape``, warmed.
+    ``built``: a cache shared between calls, so that a model compiles once (its graph per
+    batch size serves every thread count) and is exported once per batch size."""
+    built = {} if built is None else built
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -238,7 +246,9 @@ def _forward(
 
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"b{shape[0]}.onnx"
-        export_model(model, x, path)
+        if (id(model), "onnx", shape) not in built:
+            export_model(model, x, path)
+            built[(id(model), "onnx", shape)] = path
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -254,7 +264,9 @@ def _forward(
             from tdcompress.layers import warm_plans
 
             warm_plans(model, [shape], channels_last=channels_last)
-            m = torch.compile(model, dynamic=False)
+            m = built.get((id(model), "compiled"))
+            if m is None:
+                m = built[(id(model), "compiled")] = torch.compile(model, dynamic=False)
 
         def call() -> None:
             with torch.no_grad():
