@@ -389,6 +389,33 @@ def test_runtime_execution_rebuilt_fine_tunes_the_same_model(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+def test_model_init_checkpoint_warm_starts_the_dense_phase(tmp_path):
+    """model.init_checkpoint: the dense phase starts from those weights (at a vanishing
+    learning rate it ends where it started); a missing file names the setting."""
+    first = Pipeline(load_config(write_cfg(tmp_path / "a.yaml", tmp_path / "a")))
+    first.run(("train",))
+    src = tmp_path / "a" / "dense.pt"
+    dense = {"epochs": 1, "optim": {"lr": 1e-12, "weight_decay": 0.0}}
+    for name, init in (("warm", str(src)), ("cold", None)):
+        cfg = load_config(
+            write_cfg(tmp_path / f"{name}.yaml", tmp_path / name, dense=dense),
+            [f"model.init_checkpoint={init}" if init else "model.init_checkpoint=null"],
+        )
+        Pipeline(cfg).run(("train",))
+    a = torch.load(src)["model"]
+    warm = torch.load(tmp_path / "warm" / "dense.pt")["model"]
+    cold = torch.load(tmp_path / "cold" / "dense.pt")["model"]
+    floats = [k for k in a if is_tensor(a[k]) and a[k].is_floating_point() and "running" not in k]
+    assert all(torch.allclose(warm[k], a[k], atol=1e-6) for k in floats)
+    assert not all(torch.allclose(cold[k], a[k], atol=1e-3) for k in floats)
+    cfg = load_config(
+        write_cfg(tmp_path / "m.yaml", tmp_path / "m"),
+        [f"model.init_checkpoint={tmp_path / 'none.pt'}"],
+    )
+    with pytest.raises(FileNotFoundError, match=r"model\.init_checkpoint .*none\.pt.* does not"):
+        Pipeline(cfg).run(("train",))
+
+
 def test_missing_dense_checkpoint_names_the_option(tmp_path):
     cfg = load_config(
         write_cfg(tmp_path / "c.yaml", tmp_path / "run"),

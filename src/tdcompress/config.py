@@ -50,6 +50,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "mlp"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # dense weights the dense phase starts from (a warm start: e.g. a trained model trained
+    # for more epochs; the optimizer and its schedule start afresh); null: random init
+    init_checkpoint: str | None = None
 
 
 #: the optimizers and learning-rate schedules an OptimConfig may name

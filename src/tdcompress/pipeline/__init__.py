@@ -202,18 +202,29 @@ class Pipeline(RunFolder, TrainingPhase):
                 )
             self._load_dense_checkpoint(model, path)
         else:
+            init = self.cfg.model.init_checkpoint
+            if init:  # (a resumed phase then loads its own checkpoint over these weights)
+                path = Path(init)
+                if not main_says(path.is_file(), self.device):
+                    raise FileNotFoundError(
+                        f"model.init_checkpoint {init!r} does not exist: train that model "
+                        "first or unset it"
+                    )
+                self._load_dense_checkpoint(model, path, key="model.init_checkpoint")
             self._train_phase("dense", model, self.cfg.dense)
         self._mark_done("train", {"test_acc": self._keep_dense(model), "params": _params(model)})
 
-    def _load_dense_checkpoint(self, model: nn.Module, path: Path) -> nn.Module:
+    def _load_dense_checkpoint(
+        self, model: nn.Module, path: Path, key: str = "runtime.dense_checkpoint"
+    ) -> nn.Module:
         """``model`` holding the weights of the dense checkpoint ``path`` (a training
-        checkpoint or a bare state dict)."""
+        checkpoint or a bare state dict); ``key``: the setting that named it, for errors."""
         st = load_checkpoint(path, map_location=self.device)
         try:
             model.load_state_dict(st.get("model", st))
         except RuntimeError as e:  # (another architecture: missing, unexpected or other shapes)
             raise ValueError(
-                f"runtime.dense_checkpoint {str(path)!r} does not fit model "
+                f"{key} {str(path)!r} does not fit model "
                 f"{self.cfg.model.name!r} {self.cfg.model.kwargs or ''}: {e}; point it at "
                 "a checkpoint of this model"
             ) from None
