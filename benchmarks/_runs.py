@@ -100,6 +100,33 @@ def interleaved_latency(
     return out
 
 
+def with_execution_choice(
+    models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], tag: str = "chosen"
+) -> dict[str, nn.Module]:
+    """``models`` and, after each model with factorized layers, ``"<key> (<tag>)"``: a copy
+    that made its per-layer execution choice for the shapes of ``inputs`` as eager inference
+    runs it (:func:`tdcompress.layers.choose_execution` with ``folded=True``: a rebuilt
+    layer's kernel is computed once and kept)."""
+    import copy
+
+    from tdcompress.layers import choose_execution
+
+    out: dict[str, nn.Module] = {}
+    for k, m in models.items():
+        out[k] = m
+        if any(True for _ in _factorized(m)):
+            c = copy.deepcopy(m).eval()
+            choose_execution(c, [tuple(x.shape) for x in inputs.values()], folded=True)
+            out[f"{k} ({tag})"] = c
+    return out
+
+
+def _factorized(model: nn.Module):
+    from tdcompress.layers._base import FactorizedLayer
+
+    return (m for m in model.modules() if isinstance(m, FactorizedLayer))
+
+
 def done_stages(out_dir: Path) -> dict[str, Any]:
     """``state.json``'s finished stages of a run folder ({} if it has none)."""
     st = Path(out_dir) / "state.json"
