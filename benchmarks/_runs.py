@@ -5,7 +5,9 @@ latency medians of several models."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,6 +127,21 @@ def _factorized(model: nn.Module):
     from tdcompress.layers._base import FactorizedLayer
 
     return (m for m in model.modules() if isinstance(m, FactorizedLayer))
+
+
+def machine_load() -> dict[str, Any]:
+    """``os.getloadavg()`` and /proc/pressure/cpu's ``some avg10`` (None where unreadable)."""
+    out: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_pressure_avg10": None,
+    }
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some "):
+                fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+                out["cpu_pressure_avg10"] = float(fields["avg10"])
+    return out
 
 
 def done_stages(out_dir: Path) -> dict[str, Any]:

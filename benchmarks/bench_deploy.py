@@ -42,7 +42,6 @@ be split. Run on a quiet machine (nothing else running):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.util
 import json
@@ -69,6 +68,7 @@ from tdcompress.planning import CompressionPlan
 from tdcompress.train.checkpoint import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import machine_load  # noqa: E402
 from quality import DEFAULT_CONFIG as QUALITY_CONFIG  # noqa: E402
 from quality import method_sets  # noqa: E402
 
@@ -237,21 +237,6 @@ def build_group(name: str) -> Group:
 
 
 # ------------------------------------------------------------------------------ timing
-def machine_load() -> dict[str, Any]:
-    """``os.getloadavg()`` and /proc/pressure/cpu's ``some avg10`` (None where unreadable)."""
-    out: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "cpu_pressure_avg10": None,
-    }
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/pressure/cpu").read_text().splitlines():
-            if line.startswith("some "):
-                fields = dict(kv.split("=", 1) for kv in line.split()[1:])
-                out["cpu_pressure_avg10"] = float(fields["avg10"])
-    return out
-
-
 def add_checks(doc: dict[str, Any], macs_reduction: dict[str, float | None]) -> None:
     """Give each compressed row of a :func:`bench_models` document its MAC reduction and the
     checks ``never_slower`` and ``ort_1.5x`` (None where the check does not apply)."""

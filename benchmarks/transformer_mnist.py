@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import (  # noqa: E402
     done_stages,
     interleaved_latency,
+    machine_load,
     run_model,
     run_queue,
     run_record,
@@ -120,6 +120,11 @@ def latency(data_root: str) -> list[dict[str, Any]]:
     return interleaved_latency(with_execution_choice(models, inputs), inputs)
 
 
+def _times(reduction: float) -> str:
+    """A MAC reduction as "2.44x fewer" or, below 1, "3.9x more"."""
+    return f"{reduction:.2f}x fewer" if reduction >= 1 else f"{1 / reduction:.1f}x more"
+
+
 def write_page(doc: dict[str, Any]) -> None:
     res = {r["key"]: r for r in doc["runs"]}
     lat = {(x["key"], x["batch"]): x for x in doc.get("latency") or []}
@@ -166,7 +171,7 @@ def write_page(doc: dict[str, Any]) -> None:
         else:
             lines.append(
                 f"| {label} | {r['top1']:.2f} | {r['ff_params']:,} | {r['ff_ratio']:.1f}x "
-                f"| {r['ratio']:.2f}x | {r['macs']:,} ({r['macs_reduction']:.2f}x fewer) "
+                f"| {r['ratio']:.2f}x | {r['macs']:,} ({_times(r['macs_reduction'])}) "
                 f"| {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |"
             )
     lines += ["", "## What it shows", "", doc.get("verdict") or "(runs not finished)", ""]
@@ -206,12 +211,14 @@ def main(argv_: list[str] | None = None) -> None:
         "verdict": old.get("verdict"),
     }
     if a.data_root and not a.no_latency:
-        before = os.getloadavg()
+        before = machine_load()
         doc["latency"] = latency(a.data_root)
-        after = os.getloadavg()
+        after = machine_load()
         doc["latency_note"] = (
-            f"Timed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-            f"{before[0]:.1f} before and {after[0]:.1f} after (2 cores; near 0: quiet)."
+            f"Timed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU pressure (share "
+            f"of time runnable tasks waited for a core, /proc/pressure/cpu avg10) "
+            f"{before['cpu_pressure_avg10']}% before and {after['cpu_pressure_avg10']}% after "
+            "(near 0: quiet)."
         )
     atomic_write_text(RESULTS, json.dumps(doc, indent=1) + "\n")
     write_page(doc)

@@ -140,3 +140,58 @@ def test_setting_a_weight_property_is_refused_not_lost() -> None:
     with pytest.raises(RuntimeError, match="setting weight.requires_grad"):
         layer.weight.requires_grad = False
     assert all(c.requires_grad for c in layer.cores)
+
+
+def test_rebuilt_layers_let_the_encoder_take_its_fused_kernel() -> None:
+    """Layers that run rebuilt (every choice) give their kept dense kernel as ``weight`` in
+    eager inference: PyTorch's encoder then takes its fused kernel without calling them, as
+    with dense layers, and gives the dense encoder's output; with autograd on they are
+    called (and get gradients)."""
+    from tdcompress.layers import set_model_execution
+
+    torch.manual_seed(1)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ref = copy.deepcopy(enc)
+    counters = []
+    for own, dense in zip(enc.layers, ref.layers):
+        own.linear1 = TTLinear.from_dense(own.linear1, 2)
+        own.linear2 = LowRankLinear.from_dense(own.linear2, 3)
+        with torch.no_grad():
+            dense.linear1.weight.copy_(own.linear1.to_dense())
+            dense.linear2.weight.copy_(own.linear2.to_dense())
+        counters += [_counted(own.linear1), _counted(own.linear2)]
+    set_model_execution(enc, "rebuilt")
+    enc.eval()
+    ref.eval()
+    x = torch.randn(3, 5, 32)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            assert type(enc.layers[0].linear1.weight) is torch.Tensor
+            torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert all(c[0] == 0 for c in counters)  # the fused kernel ran, not the layers
+    assert isinstance(enc.layers[0].linear1.weight, FactorizedWeight)  # (autograd on)
+    enc(x).sum().backward()
+    assert all(c[0] == 1 for c in counters)
+    assert enc.layers[0].linear1.cores[0].grad is not None
+
+
+def test_compiled_encoder_in_eval_mode_has_no_graph_break() -> None:
+    """Under torch.compile the encoder's fast-path check reads ``linear1.weight``: there it
+    is the kernel rebuilt in the graph (dynamo cannot build the stand-in), so the compiled
+    eval forward is one graph and matches eager."""
+    from tdcompress.layers import warm_plans
+
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    for own in enc.layers:
+        own.linear1 = TTLinear.from_dense(own.linear1, 2)
+        own.linear2 = LowRankLinear.from_dense(own.linear2, 3)
+    x = torch.randn(3, 5, 32)
+    warm_plans(enc, [x.shape])
+    enc.eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(enc, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), enc(x), rtol=1e-5, atol=1e-5)

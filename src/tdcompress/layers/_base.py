@@ -547,11 +547,23 @@ class FactorizedLayer(nn.Module):
         return self.structure.reconstruct(list(self.cores))
 
     @property
-    def weight(self) -> FactorizedWeight:
+    def weight(self) -> torch.Tensor:
         """A stand-in for the dense weight (:class:`FactorizedWeight`): its shape, dtype and
         device without building it; any computation with it uses :meth:`to_dense`. Modules
         that read ``.weight`` to pick a fused dense kernel (``nn.TransformerEncoderLayer``
-        in eval mode) see it and fall back to calling this layer."""
+        in eval mode) see it and fall back to calling this layer. Exception: in eager
+        inference, a layer whose every execution choice is ``"rebuilt"`` gives its kept
+        dense kernel (:func:`folded_weight`), a plain tensor, so such modules run their fused
+        kernel with it, as they would with the dense layer. Under ``torch.compile`` (dynamo)
+        it is ``to_dense()``, computed in the graph."""
+        dynamo = getattr(torch.compiler, "is_dynamo_compiling", None)
+        if dynamo is not None and dynamo():  # (dynamo cannot build the stand-in: a graph
+            return self.to_dense()  # break; in the graph the kernel is rebuilt from the cores)
+        modes = self._execution
+        if modes and all(m == "rebuilt" for m in modes.values()):
+            w = folded_weight(self)
+            if w is not None:
+                return w
         return FactorizedWeight(self)
 
     @property
