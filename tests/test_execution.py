@@ -206,6 +206,10 @@ def test_an_exported_model_with_rebuilt_layers_keeps_the_compressed_size(fmt, tm
     sizes = {}
     for mode in EXECUTION_MODES:
         choose_execution(model, [x.shape], force=mode)
+        if mode == "rebuilt":  # kernels kept for PyTorch inference stay out of the file
+            from tdcompress.layers import fold_kernels
+
+            assert fold_kernels(model) == ["0", "3"]
         res = export_model(model, x, tmp_path / f"{mode}.{fmt}")  # checked against eager
         sizes[mode] = res.file_bytes
         assert res.max_abs_diff is not None
@@ -347,3 +351,35 @@ def test_compiled_inference_in_rebuilt_mode_has_no_graph_break(factorized_net):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_kernels_serves_compiled_inference_and_is_never_saved(factorized_net, tmp_path):
+    """fold_kernels: the rebuilt layers keep their kernel as a buffer that a compiled graph
+    (no autograd) reads (one graph, eager's result); it is not in the state dict nor in a
+    pickled module, and train() / load_state_dict drop it."""
+    from tdcompress.layers import fold_kernels, set_model_execution
+    from tdcompress.layers._base import FOLDED
+
+    model = factorized_net().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    assert fold_kernels(model) == []  # factorized layers: nothing to fold
+    set_model_execution(model, "rebuilt")
+    assert fold_kernels(model) == FACTORIZED
+    assert not any(FOLDED in k for k in model.state_dict())
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert not any(FOLDED in dict(m.named_buffers(recurse=False)) for m in loaded.modules())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-5)
+        layer = model.get_submodule("10")
+        layer._buffers[FOLDED].zero_()  # the compiled graph reads the folded kernel
+        assert not torch.allclose(compiled(x), want, atol=1e-4)
+    model.load_state_dict(copy.deepcopy(model.state_dict()))
+    assert FOLDED not in layer._buffers
+    assert fold_kernels(model) == FACTORIZED
+    model.train()
+    assert not any(FOLDED in dict(m.named_buffers(recurse=False)) for m in model.modules())

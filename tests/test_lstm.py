@@ -341,3 +341,21 @@ def test_eager_inference_with_dropout_in_training_mode_matches_nn_lstm() -> None
         torch.manual_seed(7)
         want = ref(x)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compiled_inference_with_folded_input_kernel_runs_pytorch_lstm() -> None:
+    """Under torch.compile without autograd, a rebuilt input layer with a folded kernel
+    (fold_kernels) runs PyTorch's LSTM kernel in the graph: one graph, eager's result."""
+    from tdcompress.layers import fold_kernels
+
+    torch.manual_seed(5)
+    ref = nn.LSTM(6, 4, num_layers=2).double()
+    f = FactorizedLSTM.from_lstm(ref, [_rebuilt(_tt_full_rank(_dense_ih(ref, 0))), None]).eval()
+    assert fold_kernels(f) == ["input_layers.0"]
+    x = torch.randn(5, 3, 6, dtype=D)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x), ref(x)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -195,6 +195,11 @@ def export_model(
             )
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    # kernels folded for PyTorch inference (fold_kernels) stay out of the file: the graph
+    # rebuilds them from the cores (restored after)
+    from tdcompress.layers._base import FOLDED
+
+    folded = [(m, m._buffers.pop(FOLDED)) for m in model.modules() if FOLDED in m._buffers]
     path.parent.mkdir(parents=True, exist_ok=True)
     # written under its final name in a private folder beside ``path``: ONNX may add a
     # ``<name>.data`` file that the graph names, so both move out together once checked
@@ -277,6 +282,8 @@ def export_model(
         shutil.rmtree(tmpdir, ignore_errors=True)
         for m, training in modes:  # each module's own mode back
             m.training = training
+        for m, kernel in folded:
+            m._buffers[FOLDED] = kernel
     files = tuple(path.parent / f.name for f in written)
     done = runs if check else []
     return ExportResult(

@@ -80,6 +80,7 @@ __all__ = [
     "set_model_execution",
     "chosen_mode",
     "folded_weight",
+    "fold_kernels",
     "folding",
 ]
 
@@ -373,6 +374,7 @@ class FactorizedLayer(nn.Module):
         }
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        _drop_folded(self)  # (new weights: a folded kernel would be stale)
         load_with_record(self, super()._load_from_state_dict, state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state: Any) -> None:
@@ -533,13 +535,15 @@ class FactorizedLayer(nn.Module):
         kernel kept for eager inference (:func:`folded_weight`)."""
         state = dict(super().__getstate__())
         state.pop("_folded", None)
+        if FOLDED in state.get("_buffers", {}):
+            state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != FOLDED}
         return state
 
     def train(self, mode: bool = True) -> FactorizedLayer:
         """``nn.Module.train``; also drops a dense kernel kept for eager inference
         (:func:`folded_weight`), whose memory training does not need."""
         if mode:
-            self.__dict__.pop("_folded", None)
+            _drop_folded(self)
         return super().train(mode)
 
     def to_dense(self) -> torch.Tensor:
@@ -554,16 +558,16 @@ class FactorizedLayer(nn.Module):
         in eval mode) see it and fall back to calling this layer. Exception: in eager
         inference, a layer whose every execution choice is ``"rebuilt"`` gives its kept
         dense kernel (:func:`folded_weight`), a plain tensor, so such modules run their fused
-        kernel with it, as they would with the dense layer. Under ``torch.compile`` (dynamo)
-        it is ``to_dense()``, computed in the graph."""
-        dynamo = getattr(torch.compiler, "is_dynamo_compiling", None)
-        if dynamo is not None and dynamo():  # (dynamo cannot build the stand-in: a graph
-            return self.to_dense()  # break; in the graph the kernel is rebuilt from the cores)
+        kernel with it, as they would with the dense layer (under ``torch.compile``: the
+        kernel of :func:`fold_kernels`). Otherwise, under ``torch.compile`` (dynamo) it is
+        ``to_dense()``, computed in the graph."""
         modes = self._execution
         if modes and all(m == "rebuilt" for m in modes.values()):
             w = folded_weight(self)
             if w is not None:
                 return w
+        if _compiler_flag("is_dynamo_compiling"):  # (dynamo cannot build the stand-in: a
+            return self.to_dense()  # graph break; in the graph it is rebuilt from the cores)
         return FactorizedWeight(self)
 
     @property
@@ -838,36 +842,80 @@ def folding(enabled: bool) -> Iterator[None]:
         _no_folding.on = old
 
 
+def _compiler_flag(name: str) -> bool:
+    fn = getattr(getattr(torch, "compiler", None), name, None)
+    return bool(fn is not None and fn())
+
+
+def _exporting() -> bool:
+    """True while tracing (``torch.jit``) or exporting (``torch.export``, ONNX)."""
+    return torch.jit.is_tracing() or _compiler_flag("is_exporting")
+
+
 def _eager_inference() -> bool:
     """True in eager PyTorch without autograd: not tracing, compiling or exporting."""
-    if torch.is_grad_enabled() or torch.jit.is_tracing():
+    if torch.is_grad_enabled() or _exporting():
         return False
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting", "is_dynamo_compiling"):
-        fn = getattr(compiler, name, None)
-        if fn is not None and fn():
-            return False
-    return True
+    return not (_compiler_flag("is_compiling") or _compiler_flag("is_dynamo_compiling"))
+
+
+#: the buffer name of a kernel kept by :func:`fold_kernels` (not saved in the state dict)
+FOLDED = "folded_kernel"
 
 
 def folded_weight(layer: FactorizedLayer) -> torch.Tensor | None:
-    """The dense kernel of ``layer`` computed once and kept, in eager inference (no grad,
-    not tracing, compiling or exporting): as ONNX Runtime folds the rebuild at load, eager
-    inference then runs a rebuilt layer at the dense layer's speed, for one dense kernel of
-    memory per rebuilt layer. The kept kernel is recomputed when any parameter of the layer
-    changes (storage or version counter: an optimizer step, ``load_state_dict``, ``.to()``)
-    and dropped by ``train()``. ``None`` elsewhere (training, tracing, export, or within
-    ``folding(False)``): the caller rebuilds in the forward, so gradients reach the cores
-    and exported graphs keep them."""
-    if getattr(_no_folding, "on", False) or not _eager_inference():
+    """The dense kernel of ``layer`` computed once and kept, for inference without autograd:
+    as ONNX Runtime folds the rebuild at load, inference then runs a rebuilt layer at the
+    dense layer's speed, for one dense kernel of memory per rebuilt layer.
+
+    In eager PyTorch the kernel is kept on first use and recomputed when any parameter of
+    the layer changes (storage or version counter: an optimizer step, ``load_state_dict``,
+    ``.to()``); under ``torch.compile`` the graph reads the kernel :func:`fold_kernels`
+    kept as a buffer (no version check in a graph: fold again after changing weights).
+    ``train()`` drops both. ``None`` under autograd, tracing or export (and under compile
+    without a folded kernel, or within ``folding(False)``): the caller rebuilds the kernel
+    in the forward, so gradients reach the cores and exported files keep them."""
+    if getattr(_no_folding, "on", False) or torch.is_grad_enabled() or _exporting():
         return None
+    frozen = layer._buffers.get(FOLDED)
+    if _compiler_flag("is_compiling") or _compiler_flag("is_dynamo_compiling"):
+        return frozen
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in layer.parameters())
     kept = layer.__dict__.get("_folded")
     if kept is not None and kept[0] == key:
         return kept[1]
     w = layer.to_dense()
     layer.__dict__["_folded"] = (key, w)
+    if frozen is not None:  # (brought up to date for compiled graphs too)
+        layer._buffers[FOLDED] = w
     return w
+
+
+def fold_kernels(model: nn.Module) -> list[str]:
+    """For deployment in PyTorch (eager or ``torch.compile``): every factorized layer of
+    ``model`` whose execution choices are all ``"rebuilt"`` computes its dense kernel now
+    and keeps it as a non-persistent buffer (``folded_kernel``, not in the state dict nor
+    in ``torch.save`` of the module), which inference without autograd then runs, as ONNX
+    Runtime runs the kernel it folds at load (:func:`folded_weight`). Call it after the
+    execution choice and once the weights are final, before ``torch.compile``; ``train()``
+    and ``load_state_dict`` drop the kernels. Exported files still rebuild them from the
+    cores. Returns the names of the layers folded."""
+    names = []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            modes = getattr(m, "_execution", None) if _is_factorized(m) else None
+            if modes and all(v == "rebuilt" for v in modes.values()):
+                w = m.to_dense().detach()
+                m.register_buffer(FOLDED, w, persistent=False)
+                key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in m.parameters())
+                m.__dict__["_folded"] = (key, w)
+                names.append(name)
+    return names
+
+
+def _drop_folded(layer: nn.Module) -> None:
+    layer.__dict__.pop("_folded", None)
+    layer._buffers.pop(FOLDED, None)
 
 
 def set_execution(layer: FactorizedLayer, key: tuple[Any, ...], mode: str) -> None:

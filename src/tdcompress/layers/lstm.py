@@ -21,7 +21,7 @@ from tdcompress.layers._base import (
     EXTRA_STATE_VERSION,
     RECORD_KEY,
     FactorizedLayer,
-    _eager_inference,
+    _exporting,
     check_record,
     chosen_mode,
     folded_weight,
@@ -309,42 +309,40 @@ class FactorizedLSTM(nn.Module):
                 "from the file (tdcompress.load_compressed)"
             )
 
-    @property
-    def _has_extra(self) -> bool:
-        """Whether some input layer has a bias of its own."""
-        return any(getattr(m, "bias", None) is not None for m in self.input_layers)
-
-    def _dense_inputs(self, x: torch.Tensor) -> list[torch.Tensor] | None:
-        """In eager inference (no grad, not tracing, compiling or exporting) where every
-        input layer runs the rows of ``x`` as one dense matrix (a plain ``nn.Linear``, or a
-        factorized layer whose execution choice for them is ``"rebuilt"``, its kernel kept by
-        :func:`~tdcompress.layers._base.folded_weight`): the flat weights of PyTorch's LSTM
-        kernel (``w_ih, w_hh[, b_ih, b_hh]`` per layer, an input layer's own bias added to
-        ``b_ih``). ``None`` otherwise: the layers run one by one."""
-        if not _eager_inference():
+    def _dense_inputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], bool] | None:
+        """Without autograd (not tracing or exporting), where every input layer runs the
+        rows of ``x`` as one dense matrix (a plain ``nn.Linear``, or a factorized layer whose
+        execution choice for them is ``"rebuilt"``, its kernel kept by
+        :func:`~tdcompress.layers._base.folded_weight`; under ``torch.compile``, folded by
+        :func:`~tdcompress.layers.fold_kernels`): the flat weights of PyTorch's LSTM kernel
+        (``w_ih, w_hh[, b_ih, b_hh]`` per layer, an input layer's own bias added to
+        ``b_ih``) and whether they hold biases. ``None`` otherwise: the layers run one by
+        one."""
+        if torch.is_grad_enabled() or _exporting():
             return None
-        flat: list[torch.Tensor] = []
-        params = self._parameters
-        for k, m in enumerate(self.input_layers):
+        weights: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        for m in self.input_layers:
             if type(m) is nn.Linear:
-                w, extra = m.weight, m.bias
-            elif isinstance(m, FactorizedLayer) and chosen_mode(m, x) == "rebuilt":
-                w, extra = folded_weight(m), m.bias
-                if w is None:
-                    return None
-            else:
+                weights.append((m.weight, m.bias))
+                continue
+            if not isinstance(m, FactorizedLayer) or chosen_mode(m, x) != "rebuilt":
                 return None
-            b_ih, b_hh = params[f"bias_ih_l{k}"], params[f"bias_hh_l{k}"]
+            w = folded_weight(m)
+            if w is None:
+                return None
+            weights.append((w, m.bias))
+        params = self._parameters
+        biased = self.bias or any(extra is not None for _, extra in weights)
+        flat: list[torch.Tensor] = []
+        for k, (w, extra) in enumerate(weights):
             flat += [w, params[f"weight_hh_l{k}"]]
-            if extra is not None:
-                b_ih = extra if b_ih is None else b_ih + extra
-                b_hh = torch.zeros_like(extra) if b_hh is None else b_hh
-            if b_ih is not None:
-                flat += [b_ih, b_hh]
-            elif self.bias or self._has_extra:
-                zero = w.new_zeros(w.shape[0])
-                flat += [zero, zero]
-        return flat
+            if not biased:
+                continue
+            b_ih, b_hh = params[f"bias_ih_l{k}"], params[f"bias_hh_l{k}"]
+            if b_ih is None:  # (biases from some input layer only)
+                b_ih = b_hh = w.new_zeros(w.shape[0])
+            flat += [b_ih if extra is None else b_ih + extra, b_hh]
+        return flat, biased
 
     #: ``nn.LSTM`` attributes for code that inspects them (neither option is supported)
     bidirectional = False
@@ -408,11 +406,10 @@ class FactorizedLSTM(nn.Module):
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         dense = self._dense_inputs(x)
-        if dense is not None:  # eager inference: PyTorch's own LSTM kernel, all layers at once
+        if dense is not None:  # no autograd: PyTorch's own LSTM kernel, all layers at once
             x, h_n, c_n = torch._VF.lstm(  # type: ignore[attr-defined]
-                x, (h0, c0), dense, self.bias or self._has_extra, L,
-                self.dropout, self.training, False, False,
-            )  # fmt: skip
+                x, (h0, c0), dense[0], dense[1], L, self.dropout, self.training, False, False
+            )
         else:
             hn, cn = [], []
             for k in range(L):
