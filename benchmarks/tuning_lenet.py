@@ -423,23 +423,18 @@ class Campaign:
                 own.append(f"admm.rho_growth={rho_growth(cfg, c.rho_reach):.6g}")
         return sets, own
 
-    def command(self, r: dict[str, Any], reuse: bool | None = None) -> list[str]:
-        """The ``tdcompress`` command of run ``r`` (from the repository root). A final of the
-        tuning budget and seed takes the finished stages of its tuning run (``reuse``: None
-        = when that run folder has evaluated)."""
+    def command(
+        self, r: dict[str, Any], reuse: bool | None = None, data_root: str | None = None
+    ) -> list[str]:
+        """The ``tdcompress`` command of run ``r`` (from the repository root; ``data_root``:
+        default the campaign's). A final of the tuning budget and seed takes the finished
+        stages of its tuning run (``reuse``: None = when that run folder has evaluated)."""
         stage = "train" if r["phase"] == "dense" else "pipeline"
-        cmd = [
-            "tdcompress",
-            stage,
-            CONFIG,
-            "--data-root",
-            self.data_root,
-            "--out-dir",
-            r["out_dir"],
-        ]
+        root = self.data_root if data_root is None else data_root
+        cmd = ["tdcompress", stage, CONFIG, "--data-root", root, "--out-dir", r["out_dir"]]
         for s in self.run_sets(r):
             cmd += ["--set", s]
-        if r["phase"] == "final" and (r["budget"], r["seed"]) == (self.tuning_budget, TUNING_SEED):
+        if self.reused(r):
             src = self.tuning_run(r)
             if reuse is None:
                 reuse = "evaluate" in done_stages(self.path(src))
@@ -485,7 +480,7 @@ class Campaign:
             "status": "ok" if ok else "diverged",
             "val_top1": None,
             "test_top1": None,
-            "command": shlex.join(self.command(r, reuse=reused is not None)),
+            "command": shlex.join(self.command(r, reuse=reused is not None, data_root="DATA")),
         }
         if reused:
             res["reused_from"] = (
@@ -577,20 +572,24 @@ class Campaign:
                     f"--phase final: no tuning winner yet for {missing}: run --phase tuning "
                     "(or --phase all) first"
                 )
-        todo = [r for r in self.runs(phase) if not self.finished(r)]
+        todo = [r for r in self.runs(phase) if r["phase"] != "dense" and not self.finished(r)]
+        # a dense model is needed as a file (not as a record) while a run starts from it
+        needed = {r["dense_dir"] for r in todo}
+        dense = [r for r in self.dense_runs() if r["out_dir"] in needed]
+        todo = [r for r in dense if self.collect_run(r) is None] + todo
         try:
             run_queue(
                 todo,
                 lambda r: self.command(r)[1:],
                 self.ready,
-                self.finished,
+                lambda r: self.collect_run(r) is not None,
                 cwd=REPO,
                 log_dir=self.log_dir,
                 jobs=jobs,
                 tag="tuning_lenet",
             )
         except RuntimeError as e:
-            bad = [r["id"] for r in todo if not self.finished(r)]
+            bad = [r["id"] for r in todo if self.collect_run(r) is None]
             if bad:
                 raise RuntimeError(f"{e}; unfinished: {bad}") from None
         diverged = [r["id"] for r in todo if (self.result(r) or {}).get("status") == "diverged"]
@@ -712,7 +711,7 @@ def summarise(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[s
     minus each baseline paired by seed (``paired``)."""
     finals: dict[str, dict[str, Any]] = {}
     for r in results:
-        if r["phase"] != "final" or r["status"] != "ok":
+        if r["phase"] != "final":
             continue
         key = f"{r['setting']}/{r['method']}/b{r['budget']}"
         row = finals.setdefault(
@@ -725,15 +724,20 @@ def summarise(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[s
                 "test": {},
                 "val": {},
                 "wall": {},
+                "diverged": [],
                 "epochs": r["epochs"],
             },
         )
+        if r["status"] != "ok":  # (diverged: no accuracy, left out of the mean and pairs)
+            row["diverged"].append(r["seed"])
+            continue
         row["test"][str(r["seed"])] = r["test_top1"]
         row["val"][str(r["seed"])] = r["val_top1"]
         row["wall"][str(r["seed"])] = r.get("wall_seconds")
     for row in finals.values():
-        row["mean"], row["std"] = _mean_std(list(row["test"].values()))
-        row["n"], row["of"] = len(row["test"]), len(seeds)
+        values = list(row["test"].values())
+        row["mean"], row["std"] = _mean_std(values) if values else (None, None)
+        row["n"], row["of"] = len(values), len(seeds)
     dense: dict[str, dict[str, Any]] = {}
     for r in results:
         if r["phase"] == "final" and r["status"] == "ok" and r.get("dense_test_top1") is not None:
@@ -891,16 +895,18 @@ def write_page(doc: dict[str, Any], camp: Campaign, page: Path, figure: Path) ->
                 if f is None:
                     rows.append([st, str(b), LABELS[m], "-", "not run", "", "", "", ""])
                     continue
-                acc = f"{f['mean']:.2f} ± {f['std']:.2f}"
+                acc = "-" if f["mean"] is None else f"{f['mean']:.2f} ± {f['std']:.2f}"
                 if f["n"] != f["of"]:
                     acc += f" ({f['n']} of {f['of']})"
+                if f["diverged"]:
+                    acc += f"; diverged: seed {', '.join(map(str, f['diverged']))}"
                 per = ", ".join(f"{v:.2f}" for v in f["test"].values())
-                val = statistics.fmean(f["val"].values())
+                val = _fmt(statistics.fmean(f["val"].values()) if f["val"] else None)
                 ep = f["epochs"]
                 eps = f"{ep['admm']} + {ep['finetune']}" if m == "admm" else str(ep["finetune"])
                 walls = [w for w in f["wall"].values() if w is not None]
                 wall = _fmt(statistics.fmean(walls), ".0f") if walls else "-"
-                rows.append([st, str(b), LABELS[m], f["config"], acc, per, f"{val:.2f}", eps, wall])
+                rows.append([st, str(b), LABELS[m], f["config"], acc, per, val, eps, wall])
     header = [
         "setting",
         "B",
@@ -978,7 +984,9 @@ def plot(doc: dict[str, Any], camp: Campaign, path: Path) -> None:
     for ax, st in zip(axes[0], camp.settings):
         for m, marker in zip(METHODS, "os^"):
             rows = [
-                summ["finals"][k] for b in camp.budgets if (k := f"{st}/{m}/b{b}") in summ["finals"]
+                f
+                for b in camp.budgets
+                if (f := summ["finals"].get(f"{st}/{m}/b{b}")) and f["mean"] is not None
             ]
             if not rows:
                 continue
@@ -1009,9 +1017,11 @@ def collect(
     results: Path = RESULTS,
     page: Path = PAGE,
     figure: Path = FIGURE,
+    ran: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Collect every run of ``camp`` (its folder's result, else the recorded one) into
-    ``results``, ``page`` and ``figure``; recorded runs outside the selection are kept."""
+    ``results``, ``page`` and ``figure``; recorded runs outside the selection are kept.
+    ``ran``: this invocation's command and wall time, added to the recorded ones."""
     old = json.loads(results.read_text()) if results.is_file() else {}
     camp.recorded = {r["id"]: r for r in old.get("runs", [])}
     camp._winners.clear()
@@ -1049,6 +1059,7 @@ def collect(
         "tuning": tuning_table(got, camp),
         "summary": summarise(got, camp.seeds),
         "verdict": old.get("verdict"),
+        "invocations": old.get("invocations", []) + ([ran] if ran else []),
         "runs": got + [r for r in old.get("runs", []) if r["id"] not in ids],
     }
     doc["wall_hours"] = {ph: round(s, 2) for ph, s in doc["wall_hours"].items()}
@@ -1136,31 +1147,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         data_root=a.data_root or "DATA",
         extra=SMOKE_SETS if a.smoke else (),
     )
-    out = REPO / a.out_dir if a.smoke else None
-    paths = (
-        dict(
-            results=out / "tuning-lenet.json",
-            page=out / "lenet_tuning.md",
-            figure=out / "lenet_tuning.png",
-        )
-        if out
-        else {}
-    )
-    if paths.get("results") and paths["results"].is_file():
-        camp.recorded = {r["id"]: r for r in json.loads(paths["results"].read_text())["runs"]}
-    elif not a.smoke and RESULTS.is_file():
-        camp.recorded = {r["id"]: r for r in json.loads(RESULTS.read_text())["runs"]}
+    paths: dict[str, Path] = {}
+    if a.smoke:  # (its results stay with its runs)
+        out = REPO / a.out_dir
+        names = ("tuning-lenet.json", "lenet_tuning.md", "lenet_tuning.png")
+        paths = {k: out / n for k, n in zip(("results", "page", "figure"), names)}
+    results = paths.get("results", RESULTS)
+    if results.is_file():
+        camp.recorded = {r["id"]: r for r in json.loads(results.read_text())["runs"]}
     if a.plan:
         print(camp.plan_text(a.phase, a.jobs))
         return None
+    words = ["DATA" if w == a.data_root else w for w in argv]  # (the page names no local path)
+    command = "python benchmarks/tuning_lenet.py " + shlex.join(words) if argv else COMMAND
+    ran, error = None, None
     if a.run or a.smoke:
         t0 = time.time()
-        camp.run(a.phase, a.jobs)
-        print(f"[tuning_lenet] ran for {(time.time() - t0) / 3600:.2f} h", flush=True)
-    command = "python benchmarks/tuning_lenet.py " + shlex.join(argv) if argv else COMMAND
-    doc = collect(camp, command, **paths)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            camp.run(a.phase, a.jobs)
+        except RuntimeError as e:  # (failed runs: collect what finished, then say so)
+            error = e
+        hours = (time.time() - t0) / 3600
+        ran = {"command": command, "started": started, "wall_hours": round(hours, 3)}
+        print(f"[tuning_lenet] ran for {hours:.2f} h", flush=True)
+    doc = collect(camp, command, **paths, ran=ran)
     where = paths.get("page", PAGE)
     print(f"collected {doc['done_runs']} of {len(camp.runs('all'))} runs -> {where}")
+    if error is not None:
+        raise error
     return doc
 
 

@@ -301,7 +301,8 @@ def test_recorded_command_is_the_one_that_ran(tl, tmp_path):
     _fake_tuned(tmp_path / r["id"], 0.98)
     got = camp.collect_run(r)
     assert got["val_top1"] == pytest.approx(98.0) and got["wall_seconds"] == 10.0
-    assert shlex.split(got["command"]) == camp.command(r)
+    assert shlex.split(got["command"]) == camp.command(r, data_root="DATA")  # (as the page)
+    assert "/data" in camp.command(r)
     assert got["overrides"] == camp.overrides(r) and got["epochs"]["after_dense"] == 18
 
 
@@ -319,3 +320,17 @@ def test_bad_arguments_name_the_option(tl, argv, msg, capsys):
     with pytest.raises(SystemExit):
         tl.main(argv)
     assert msg in capsys.readouterr().err
+
+
+def test_a_diverged_final_is_left_out_of_the_mean_and_the_pairs_and_shown(tl):
+    runs = [_final_record("mnist-60x", "admm", 54, s, v) for s, v in enumerate((97.0, 97.2, 96.9))]
+    runs += [_final_record("mnist-60x", "scratch", 54, s, v) for s, v in ((0, 98.0), (1, 98.4))]
+    runs.append(_final_record("mnist-60x", "scratch", 54, 2, None, status="diverged"))
+    summ = tl.summarise(runs, (0, 1, 2))
+    row = summ["finals"]["mnist-60x/scratch/b54"]
+    assert (row["n"], row["of"], row["diverged"]) == (2, 3, [2])
+    assert row["mean"] == pytest.approx(98.2)
+    p = summ["paired"]["mnist-60x/b54/admm-scratch"]
+    assert p["n"] == 2 and p["mean"] == pytest.approx(-1.1) and p["losses"] == 2
+    only = tl.summarise([_final_record("mnist-60x", "dtf", 6, 0, None, status="diverged")], (0,))
+    assert only["finals"]["mnist-60x/dtf/b6"]["mean"] is None
