@@ -38,7 +38,9 @@ Protocol (every run is a ``python -m tdcompress`` command; the JSON keeps each o
   ``data.final_test=true``: the evaluate stage adds one test-set measurement of the dense and
   fine-tuned models; nothing else reads the test set. The final of the middle budget and
   the tuning seed is the winner's tuning run itself (the same settings, so its stages are
-  taken with ``--reuse-from`` and only evaluated again; rerunning it would repeat it).
+  taken with ``--reuse-from`` and only evaluated again; rerunning it would repeat it: the
+  runs are deterministic). Its test number carries the selection on seed 0's validation
+  score, alike for every method (K candidates each); seeds 1 and 2 do not.
 
 This script runs what is not finished (``--jobs`` at a time, 1 thread each, dense runs
 first, every final once its method's tuning has a winner; every run resumes per epoch after
