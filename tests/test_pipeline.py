@@ -337,6 +337,38 @@ def test_diverged_training_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp
     assert not (tmp_path / "run" / "dense.ckpt.pt").exists()  # nothing non-finite saved
 
 
+def test_final_test_measures_the_test_set_once_after_a_validation_run(tmp_path):
+    """data.final_test: with data.validation the stages and their accuracies stay on the
+    held-out split; the evaluate record adds the test accuracy of the dense and fine-tuned
+    models (an oracle: the same models on the test loader), and the key may be switched on
+    for a finished run folder (no training reruns)."""
+    from tdcompress.config import DataConfig
+    from tdcompress.data import make_loaders
+    from tdcompress.train.loop import evaluate
+
+    path = write_cfg(tmp_path / "c.yaml", tmp_path / "run", data={"validation": 100})
+    done = Pipeline(load_config(path)).run()
+    ev = done["evaluate"]
+    assert ev["evaluated_on"].startswith("validation (100") and "test" not in ev
+    mtime = (tmp_path / "run" / "finetuned.pt").stat().st_mtime_ns
+    p = Pipeline(load_config(path, ["data.final_test=true"]))  # (not refused: a free key)
+    again = p.run()["evaluate"]
+    assert (tmp_path / "run" / "finetuned.pt").stat().st_mtime_ns == mtime  # nothing retrained
+    assert {k: v for k, v in again.items() if k != "test"} == ev  # validation numbers kept
+    cpu = torch.device("cpu")
+    test = make_loaders(DataConfig(**{**CFG["data"], "validation": 0}), device=cpu)[1]
+    held = p.data()[1]
+    assert len(test.images) != len(held.images)  # two different splits
+    dense = p._dense_from("dense.pt")
+    tuned = p.compressed_model("finetuned.pt")
+    assert again["test"] == {
+        "dense_acc": evaluate(dense, test, device=cpu)["acc"],
+        "finetuned_acc": evaluate(tuned, test, device=cpu)["acc"],
+    }
+    assert again["finetuned_acc"] == evaluate(tuned, held, device=cpu)["acc"]
+    assert "test set: TT accuracy after fine-tuning" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_random_init_trains_the_factorized_architecture_from_scratch(tmp_path):
     over = {"init": "random", "format": "tt", "ranks": 16}
     cfg = load_config(

@@ -40,6 +40,10 @@ class DataConfig:
     # N > 0: hold N training samples out (a fixed draw, the same for every seed and method)
     # and evaluate on them instead of the test set: for choosing hyperparameters
     validation: int = 0
+    # the evaluate stage also measures the dense and fine-tuned models on the test set (its
+    # record's "test"): the final runs of a study tuned on data.validation. It changes no
+    # training, so it may be switched on for a finished run folder (`tdcompress evaluate`)
+    final_test: bool = False
     download: bool = False
     # fsdd only: "official" split (recording index 0-4 test) or "speaker" (leave `speaker` out)
     protocol: str = "official"

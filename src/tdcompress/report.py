@@ -62,6 +62,11 @@ def result_table(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("compressed layers only", f"{r['layers_ratio']:.2f}x" if r.get("layers_ratio") else "-"),
         ("MAC reduction", f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else "-"),
     ]
+    if r.get("test"):  # data.final_test: the test set, measured once at the end
+        rows.append(("test set: dense accuracy", _pct(r["test"]["dense_acc"])))
+        rows.append(
+            (f"test set: {fmt} accuracy after fine-tuning", _pct(r["test"]["finetuned_acc"]))
+        )
     return rows
 
 

@@ -8,6 +8,7 @@ or kill continues the run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -348,8 +349,35 @@ class Pipeline(RunFolder, TrainingPhase):
             model = self.compressed_model("finetuned.pt")
             result["finetuned_acc"] = evaluate(model, self.data()[1], device=self.device)["acc"]
             result["compressed_params"] = _params(model)
+        if self.cfg.data.final_test:
+            result["test"] = self._final_test()
         self._mark_done("evaluate", result)
         return result
+
+    def _final_test(self) -> dict[str, Any]:
+        """Test-set accuracy of the run's dense (``dense.pt``) and fine-tuned models
+        (``data.final_test``), whatever ``data.validation`` holds out: the one test
+        measurement of a final run whose settings were chosen on validation."""
+        test = self.data()[1]
+        if self.cfg.data.validation:
+            from tdcompress.data import make_loaders
+
+            test = make_loaders(
+                dataclasses.replace(self.cfg.data, validation=0),
+                device=self.device,
+                seed=self.cfg.seed,
+                rank=rank(),
+                world_size=world_size(),
+                channels_last=self.cfg.runtime.channels_last,
+            )[1]
+        out: dict[str, Any] = {"dense_acc": None, "finetuned_acc": None}
+        if (self.out / "dense.pt").exists():
+            dense = self._dense_from("dense.pt")
+            out["dense_acc"] = evaluate(dense, test, device=self.device)["acc"]
+        if (self.out / "finetuned.pt").exists():
+            model = self.compressed_model("finetuned.pt")
+            out["finetuned_acc"] = evaluate(model, test, device=self.device)["acc"]
+        return out
 
     def stage_report(self) -> str:
         from tdcompress.report import write_report
