@@ -9,11 +9,10 @@ peak resident memory of a fresh process that loads the model and runs one forwar
 largest batch (eager and ONNX Runtime).
 
 The compressed model first makes its per-layer execution choice
-(:func:`tdcompress.layers.choose_execution`) per runtime: for eager PyTorch and ONNX Runtime
-with the rebuilt kernel computed once (eager inference keeps it,
-:func:`tdcompress.layers.folded_weight`; ONNX Runtime folds it at load: ``folded=True``),
-for ``torch.compile`` with the rebuild in every call (the compiled graph rebuilds it); the
-layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
+(:func:`tdcompress.layers.choose_execution`, timing a rebuilt layer with its kernel computed
+once, ``folded=True``) and, for eager and compiled PyTorch, keeps the kernels of the layers
+that run rebuilt (:func:`tdcompress.layers.fold_kernels`), as ONNX Runtime folds them at
+load; the layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
 results: rerun on a quiet one (docs/performance.md).
 """
 
@@ -92,7 +91,7 @@ def bench_models(
     runtimes = list(dict.fromkeys(runtimes))
     _check_args(batch_sizes, threads, runtimes, repeats)
     from tdcompress.export import export_model
-    from tdcompress.layers import choose_execution, rebuilt_layers
+    from tdcompress.layers import choose_execution, fold_kernels, rebuilt_layers
 
     shape = tuple(int(v) for v in input_shape[1:])
     shapes = [(b, *shape) for b in batch_sizes]
@@ -119,12 +118,10 @@ def bench_models(
                 if choose:
                     torch.set_num_threads(threads[0])
                     choose_execution(
-                        m,
-                        shapes,
-                        repeats=choice_repeats,
-                        folded=rt != "compile",
-                        channels_last=nhwc,
+                        m, shapes, repeats=choice_repeats, folded=True, channels_last=nhwc
                     )
+                    if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
+                        fold_kernels(m)
                     rec["rebuilt_layers"][rt] = rebuilt_layers(m)
                 prepared[(label, rt)] = m
             if "onnxruntime" in runtimes:
