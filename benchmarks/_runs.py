@@ -107,11 +107,12 @@ def with_execution_choice(
 ) -> dict[str, nn.Module]:
     """``models`` and, after each model with factorized layers, ``"<key> (<tag>)"``: a copy
     that made its per-layer execution choice for the shapes of ``inputs`` as eager inference
-    runs it (:func:`tdcompress.layers.choose_execution` with ``folded=True``: a rebuilt
-    layer's kernel is computed once and kept)."""
+    runs it (:func:`tdcompress.layers.choose_execution` with ``folded=True``), then folded
+    for deployment (:func:`tdcompress.layers.fold_kernels`: a rebuilt layer's kernel is
+    computed once and kept)."""
     import copy
 
-    from tdcompress.layers import choose_execution
+    from tdcompress.layers import choose_execution, fold_kernels
 
     out: dict[str, nn.Module] = {}
     for k, m in models.items():
@@ -119,6 +120,7 @@ def with_execution_choice(
         if any(True for _ in _factorized(m)):
             c = copy.deepcopy(m).eval()
             choose_execution(c, [tuple(x.shape) for x in inputs.values()], folded=True)
+            fold_kernels(c)
             out[f"{k} ({tag})"] = c
     return out
 

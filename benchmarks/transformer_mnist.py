@@ -141,8 +141,9 @@ def write_page(doc: dict[str, Any]) -> None:
         "attention's `in_proj_weight` and `out_proj` as not compressible (nn.MultiheadAttention",
         "reads them as bare tensors). Latency: per image, PyTorch eager, 1 thread, medians of",
         "interleaved repeats; each compressed model factorized, and as deployed after its",
-        "per-layer execution choice (`choose_execution(folded=True)`: a layer runs its kernel",
-        "rebuilt from the cores where that measured faster). " + (doc.get("latency_note") or ""),
+        "per-layer execution choice (`choose_execution(folded=True)`, then `fold_kernels`: a",
+        "layer runs its kernel rebuilt from the cores, kept, where that measured faster). "
+        + (doc.get("latency_note") or ""),
         "",
         "| model | top-1 % | FF params | FF ratio | whole-model ratio | MACs per image "
         "| batch 1: µs/img (vs dense) | batch 32: µs/img (vs dense) "

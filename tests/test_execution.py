@@ -379,7 +379,40 @@ def test_fold_kernels_serves_compiled_inference_and_is_never_saved(factorized_ne
         layer._buffers[FOLDED].zero_()  # the compiled graph reads the folded kernel
         assert not torch.allclose(compiled(x), want, atol=1e-4)
     model.load_state_dict(copy.deepcopy(model.state_dict()))
-    assert FOLDED not in layer._buffers
+    assert FOLDED not in layer._buffers and "forward" not in layer.__dict__
     assert fold_kernels(model) == FACTORIZED
     model.train()
     assert not any(FOLDED in dict(m.named_buffers(recurse=False)) for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_layers_forward_like_dense_ones_and_train_from_their_cores(
+    channels_last, factorized_net, monkeypatch
+):
+    """A layer folded with every shape rebuilt forwards straight to the dense op on its
+    kernel without autograd (no factorized code runs: counted), with eager's result; with
+    autograd on it runs from its cores (gradients reach them); unfold_kernels restores."""
+    from tdcompress.layers import fold_kernels, set_model_execution, unfold_kernels
+
+    model = factorized_net().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+    set_model_execution(model, "rebuilt")
+    assert fold_kernels(model, channels_last=channels_last) == FACTORIZED
+    with _CountDenseOps(monkeypatch) as count, torch.no_grad():
+        got = model(x)
+    assert count.rebuilt == [] and count.n == len(FACTORIZED) + 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if channels_last:
+        assert got.dim() != 4 or got.is_contiguous()  # (the head's output)
+    model(x).sum().backward()
+    assert all(c.grad is not None for c in model.get_submodule("3").cores)
+    assert unfold_kernels(model) == FACTORIZED
+    with _CountDenseOps(monkeypatch) as count, torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+    assert len(count.rebuilt) == len(FACTORIZED)

@@ -2,8 +2,9 @@
 
 For each runtime (PyTorch eager, ``torch.compile``, ONNX Runtime), thread count and batch
 size: forward latency (eval, no grad, fp32, CPU) of the dense model and of the compressed
-one, the medians of interleaved repeats (every case timed once per repeat, so that load
-drifts hit them alike), and the ratio ``dense / compressed`` (above 1: the compressed model
+one, the medians of interleaved repeats (the models timed in turn within each runtime,
+batch size and thread count, so that load drifts hit them alike; ONNX Runtime's idle
+workers do not spin), and the ratio ``dense / compressed`` (above 1: the compressed model
 is faster). Beside them: parameters, planned MACs per sample, the ONNX file size, and the
 peak resident memory of a fresh process that loads the model and runs one forward at the
 largest batch (eager and ONNX Runtime).
@@ -121,7 +122,7 @@ def bench_models(
                         m, shapes, repeats=choice_repeats, folded=True, channels_last=nhwc
                     )
                     if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
-                        fold_kernels(m)
+                        fold_kernels(m, channels_last=nhwc)
                     rec["rebuilt_layers"][rt] = rebuilt_layers(m)
                 prepared[(label, rt)] = m
             if "onnxruntime" in runtimes:
@@ -143,10 +144,16 @@ def bench_models(
         times: dict[tuple[str, str, int, int], list[float]] = {k: [] for k in fns}
         for t in threads:
             torch.set_num_threads(t)
-            keys = [k for k in fns if k[2] == t]
-            for _ in range(repeats):  # interleaved
-                for k in keys:
-                    times[k].append(fns[k]())
+            # one block per runtime and batch size, the models interleaved within it: with
+            # several threads a runtime's idle workers spin for a while after each call and
+            # would take the cores from the next runtime's (a pause between blocks)
+            for rt in runtimes:
+                for b in batch_sizes:
+                    keys = [k for k in fns if k[1:] == (rt, t, b)]
+                    time.sleep(0.2 if t > 1 else 0.0)
+                    for _ in range(repeats):
+                        for k in keys:
+                            times[k].append(fns[k]())
         if memory:
             big = (max(batch_sizes), *shape)
             for label in models:
@@ -249,6 +256,8 @@ def _forward(
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # idle workers sleep instead of spinning (they would compete with the next call's)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         feed = {sess.get_inputs()[0].name: x.numpy()}
 

@@ -17,6 +17,7 @@ from tdcompress.layers._base import (
     rebuilt_layers,
     set_execution,
     set_model_execution,
+    unfold_kernels,
     warm_plans,
 )
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
@@ -45,6 +46,7 @@ __all__ = [
     "rebuilt_layers",
     "set_execution",
     "set_model_execution",
+    "unfold_kernels",
     "FactorizedLSTM",
     "LowRankConv2d",
     "LowRankLinear",

@@ -81,6 +81,7 @@ __all__ = [
     "chosen_mode",
     "folded_weight",
     "fold_kernels",
+    "unfold_kernels",
     "folding",
 ]
 
@@ -535,6 +536,8 @@ class FactorizedLayer(nn.Module):
         kernel kept for eager inference (:func:`folded_weight`)."""
         state = dict(super().__getstate__())
         state.pop("_folded", None)
+        if _is_frozen(state.get("forward")):  # (fold_kernels' frozen forward)
+            del state["forward"]
         if FOLDED in state.get("_buffers", {}):
             state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != FOLDED}
         return state
@@ -555,14 +558,14 @@ class FactorizedLayer(nn.Module):
         """A stand-in for the dense weight (:class:`FactorizedWeight`): its shape, dtype and
         device without building it; any computation with it uses :meth:`to_dense`. Modules
         that read ``.weight`` to pick a fused dense kernel (``nn.TransformerEncoderLayer``
-        in eval mode) see it and fall back to calling this layer. Exception: in eager
-        inference, a layer whose every execution choice is ``"rebuilt"`` gives its kept
-        dense kernel (:func:`folded_weight`), a plain tensor, so such modules run their fused
-        kernel with it, as they would with the dense layer (under ``torch.compile``: the
+        in eval mode) see it and fall back to calling this layer. Exception: without
+        autograd, a layer that runs some input shape rebuilt gives its kept dense kernel
+        (:func:`folded_weight`), a plain tensor, so such modules run their fused kernel with
+        it, as they would with the dense layer (under ``torch.compile``: the
         kernel of :func:`fold_kernels`). Otherwise, under ``torch.compile`` (dynamo) it is
         ``to_dense()``, computed in the graph."""
         modes = self._execution
-        if modes and all(m == "rebuilt" for m in modes.values()):
+        if modes and "rebuilt" in modes.values():
             w = folded_weight(self)
             if w is not None:
                 return w
@@ -843,13 +846,21 @@ def folding(enabled: bool) -> Iterator[None]:
 
 
 def _compiler_flag(name: str) -> bool:
-    fn = getattr(getattr(torch, "compiler", None), name, None)
-    return bool(fn is not None and fn())
+    fn = _COMPILER_FLAGS.get(name)
+    if fn is None:
+        fn = _COMPILER_FLAGS[name] = getattr(torch.compiler, name, lambda: False)
+    return bool(fn())
+
+
+_COMPILER_FLAGS: dict[str, Callable[[], bool]] = {}
+
+
+_is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)
 
 
 def _exporting() -> bool:
     """True while tracing (``torch.jit``) or exporting (``torch.export``, ONNX)."""
-    return torch.jit.is_tracing() or _compiler_flag("is_exporting")
+    return torch.jit.is_tracing() or _is_exporting()
 
 
 def _eager_inference() -> bool:
@@ -880,7 +891,7 @@ def folded_weight(layer: FactorizedLayer) -> torch.Tensor | None:
     frozen = layer._buffers.get(FOLDED)
     if _compiler_flag("is_compiling") or _compiler_flag("is_dynamo_compiling"):
         return frozen
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in layer.parameters())
+    key = _weights_key(layer)
     kept = layer.__dict__.get("_folded")
     if kept is not None and kept[0] == key:
         return kept[1]
@@ -891,31 +902,101 @@ def folded_weight(layer: FactorizedLayer) -> torch.Tensor | None:
     return w
 
 
-def fold_kernels(model: nn.Module) -> list[str]:
-    """For deployment in PyTorch (eager or ``torch.compile``): every factorized layer of
-    ``model`` whose execution choices are all ``"rebuilt"`` computes its dense kernel now
-    and keeps it as a non-persistent buffer (``folded_kernel``, not in the state dict nor
-    in ``torch.save`` of the module), which inference without autograd then runs, as ONNX
-    Runtime runs the kernel it folds at load (:func:`folded_weight`). Call it after the
-    execution choice and once the weights are final, before ``torch.compile``; ``train()``
-    and ``load_state_dict`` drop the kernels. Exported files still rebuild them from the
-    cores. Returns the names of the layers folded."""
+def _weights_key(layer: nn.Module) -> tuple[Any, ...]:
+    """What a kept kernel of ``layer`` depends on: each parameter's identity, storage,
+    version counter, dtype and device (read from the layer's own and its direct children's
+    parameter dicts, where factorized layers keep theirs: cheap enough for every call)."""
+    own = layer._parameters.values()
+    kids = (p for m in layer._modules.values() for p in m._parameters.values())
+    return tuple(
+        (id(p), p.data_ptr(), p._version, p.dtype, p.device)
+        for group in (own, kids)
+        for p in group
+        if p is not None
+    )
+
+
+def fold_kernels(model: nn.Module, channels_last: bool = False) -> list[str]:
+    """Freeze ``model`` for inference in PyTorch (eager or ``torch.compile``), as
+    ``torch.jit.freeze`` does: every factorized layer that runs some input shape
+    ``"rebuilt"`` computes its dense kernel now and keeps it as a non-persistent buffer
+    (``folded_kernel``: not in the state dict, nor in a pickled module, nor in an exported
+    file, which rebuilds it from the cores), as ONNX Runtime folds it at load. A layer
+    that runs every shape rebuilt then forwards straight to ``F.linear`` / ``F.conv2d`` on
+    it without autograd (the cost of the dense layer's call; convolution kernels in the
+    channels_last layout if ``channels_last``); the others read it per call
+    (:func:`folded_weight`). Call it after the execution choice and once the weights are
+    final: in-place changes of the parameters afterwards are not seen until ``train()``,
+    ``load_state_dict`` or :func:`unfold_kernels`, which drop the kernels (with autograd on
+    the layers always run from their cores). Returns the names of the layers folded."""
     names = []
     with torch.no_grad():
         for name, m in model.named_modules():
             modes = getattr(m, "_execution", None) if _is_factorized(m) else None
-            if modes and all(v == "rebuilt" for v in modes.values()):
+            if modes and "rebuilt" in modes.values():
+                _drop_folded(m)
                 w = m.to_dense().detach()
                 m.register_buffer(FOLDED, w, persistent=False)
-                key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in m.parameters())
-                m.__dict__["_folded"] = (key, w)
+                m.__dict__["_folded"] = (_weights_key(m), w)
+                if all(v == "rebuilt" for v in modes.values()):
+                    m.__dict__["forward"] = _frozen_forward(m, w, channels_last)
                 names.append(name)
     return names
 
 
+def unfold_kernels(model: nn.Module) -> list[str]:
+    """Undo :func:`fold_kernels`: the layers drop their kept kernels (and run from their
+    cores again, a rebuilt kernel kept per call in eager inference as before)."""
+    names = []
+    for name, m in model.named_modules():
+        if _is_factorized(m) and FOLDED in m._buffers:
+            _drop_folded(m)
+            names.append(name)
+    return names
+
+
+_is_grad_enabled = torch.is_grad_enabled
+
+
+def _frozen_forward(
+    layer: FactorizedLayer, kernel: torch.Tensor, channels_last: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward :func:`fold_kernels` gives a layer that runs every shape rebuilt: the
+    dense op on ``kernel`` without autograd (outside export), else the layer's own."""
+    own = type(layer).forward.__get__(layer)
+    bias, g = layer.bias, layer.geometry
+    if g.kind == "linear":
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if _is_grad_enabled() or _exporting():
+                return own(x)
+            return F.linear(x, kernel, bias)
+
+        forward._tdcompress_frozen = True  # type: ignore[attr-defined]
+        return forward
+    k = kernel.contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    stride, padding, dilation, groups = g.stride, g.padding, g.dilation, g.groups
+
+    def forward_conv(x: torch.Tensor) -> torch.Tensor:
+        if _is_grad_enabled() or _exporting():
+            return own(x)
+        return F.conv2d(x, k, bias, stride, padding, dilation, groups)
+
+    forward_conv._tdcompress_frozen = True  # type: ignore[attr-defined]
+    return forward_conv
+
+
 def _drop_folded(layer: nn.Module) -> None:
     layer.__dict__.pop("_folded", None)
+    if _is_frozen(layer.__dict__.get("forward")):  # (not an instance forward of others)
+        del layer.__dict__["forward"]
     layer._buffers.pop(FOLDED, None)
+
+
+def _is_frozen(fn: Any) -> bool:
+    return getattr(fn, "_tdcompress_frozen", False)
 
 
 def set_execution(layer: FactorizedLayer, key: tuple[Any, ...], mode: str) -> None:
