@@ -1085,8 +1085,10 @@ def choose_execution(
 
     Each layer is timed on the input it gets in a forward of zeros of each shape (eval mode,
     no grad; BatchNorm statistics untouched), on the model's device, both modes interleaved
-    ``warmup + repeats`` times; the medians of the last ``repeats`` decide. ``rebuilt`` wins
-    only when at least ``margin`` (a fraction) faster. ``folded``: time the rebuilt mode with
+    ``warmup + repeats`` times; the medians of the last ``repeats`` decide: the other mode
+    must be at least ``margin`` (a fraction) faster than the default, which is
+    ``"factorized"``, or ``"rebuilt"`` with ``folded`` (a kept kernel runs as the dense
+    layer does). ``folded``: time the rebuilt mode with
     the dense weight computed once, as eager inference (:func:`folded_weight`) and a runtime
     that folds the rebuild at load (ONNX Runtime) run it; by default the rebuild is timed in
     every call, as training and ``torch.compile`` run it (a choice for both: time the
@@ -1136,7 +1138,11 @@ def choose_execution(
                         records.append(ExecutionRecord(name, tuple(xin.shape), key, force))
                         continue
                     t_f, t_r = _time_modes(layer, key, xin, repeats, warmup, folded)
-                    mode = "rebuilt" if t_r < t_f * (1.0 - margin) else "factorized"
+                    if folded:  # (a kept kernel runs as the dense layer: rebuilt unless
+                        # the factorized contraction is faster by the margin)
+                        mode = "factorized" if t_f < t_r * (1.0 - margin) else "rebuilt"
+                    else:
+                        mode = "rebuilt" if t_r < t_f * (1.0 - margin) else "factorized"
                     set_execution(layer, key, mode)
                     records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
     finally:
