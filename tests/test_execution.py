@@ -416,3 +416,31 @@ def test_folded_layers_forward_like_dense_ones_and_train_from_their_cores(
     with _CountDenseOps(monkeypatch) as count, torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
     assert len(count.rebuilt) == len(FACTORIZED)
+
+
+def test_folded_layers_with_mixed_choices_run_each_shape_in_its_mode(factorized_net, monkeypatch):
+    """A layer folded with batch 1 rebuilt and batch 4 factorized: in eager inference batch 1
+    goes straight to the dense op on the kept kernel, batch 4 through the factorized plan;
+    both give the factorized forward's result."""
+    from tdcompress.layers import fold_kernels
+
+    model = factorized_net().double().eval()
+    x1, x4 = (torch.randn(b, 3, 16, 16, dtype=torch.float64) for b in (1, 4))
+    with torch.no_grad():
+        want1, want4 = model(x1), model(x4)
+    choose_execution(model, [x1.shape], force="rebuilt")
+    choose_execution(model, [x4.shape], force="factorized")
+    own: list[str] = []  # calls of the layers' own (class) forward
+    for cls in {type(m) for m in model.modules() if isinstance(m, FactorizedLayer)}:
+        real = cls.forward
+        monkeypatch.setattr(
+            cls, "forward", lambda self, x, real=real: own.append(1) or real(self, x)
+        )
+    assert fold_kernels(model) == FACTORIZED
+    with _CountDenseOps(monkeypatch) as count, torch.no_grad():
+        got1 = model(x1)
+        assert count.n == len(FACTORIZED) + 1 and count.rebuilt == [] and own == []
+        got4 = model(x4)
+        assert count.rebuilt == [] and len(own) == len(FACTORIZED)
+    torch.testing.assert_close(got1, want1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got4, want4, rtol=1e-12, atol=1e-12)

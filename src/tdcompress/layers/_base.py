@@ -879,26 +879,27 @@ def folded_weight(layer: FactorizedLayer) -> torch.Tensor | None:
     as ONNX Runtime folds the rebuild at load, inference then runs a rebuilt layer at the
     dense layer's speed, for one dense kernel of memory per rebuilt layer.
 
-    In eager PyTorch the kernel is kept on first use and recomputed when any parameter of
-    the layer changes (storage or version counter: an optimizer step, ``load_state_dict``,
-    ``.to()``); under ``torch.compile`` the graph reads the kernel :func:`fold_kernels`
-    kept as a buffer (no version check in a graph: fold again after changing weights).
-    ``train()`` drops both. ``None`` under autograd, tracing or export (and under compile
+    After :func:`fold_kernels` it is the kernel kept then (eager and compiled graphs alike;
+    a freeze: in-place changes of the parameters are not seen until ``train()``,
+    ``load_state_dict`` or :func:`unfold_kernels`). Otherwise, in eager PyTorch, the kernel
+    is kept on first use and recomputed when any parameter of the layer changes (identity,
+    storage or version counter: an optimizer step, ``load_state_dict``, ``.to()``), and
+    ``train()`` drops it. ``None`` under autograd, tracing or export (and under compile
     without a folded kernel, or within ``folding(False)``): the caller rebuilds the kernel
     in the forward, so gradients reach the cores and exported files keep them."""
     if getattr(_no_folding, "on", False) or torch.is_grad_enabled() or _exporting():
         return None
     frozen = layer._buffers.get(FOLDED)
-    if _compiler_flag("is_compiling") or _compiler_flag("is_dynamo_compiling"):
+    if frozen is not None:  # (fold_kernels froze it: eager and compiled graphs alike)
         return frozen
+    if _compiler_flag("is_compiling") or _compiler_flag("is_dynamo_compiling"):
+        return None
     key = _weights_key(layer)
     kept = layer.__dict__.get("_folded")
     if kept is not None and kept[0] == key:
         return kept[1]
     w = layer.to_dense()
     layer.__dict__["_folded"] = (key, w)
-    if frozen is not None:  # (brought up to date for compiled graphs too)
-        layer._buffers[FOLDED] = w
     return w
 
 
@@ -921,11 +922,11 @@ def fold_kernels(model: nn.Module, channels_last: bool = False) -> list[str]:
     ``torch.jit.freeze`` does: every factorized layer that runs some input shape
     ``"rebuilt"`` computes its dense kernel now and keeps it as a non-persistent buffer
     (``folded_kernel``: not in the state dict, nor in a pickled module, nor in an exported
-    file, which rebuilds it from the cores), as ONNX Runtime folds it at load. A layer
-    that runs every shape rebuilt then forwards straight to ``F.linear`` / ``F.conv2d`` on
-    it without autograd (the cost of the dense layer's call; convolution kernels in the
-    channels_last layout if ``channels_last``); the others read it per call
-    (:func:`folded_weight`). Call it after the execution choice and once the weights are
+    file, which rebuilds it from the cores), as ONNX Runtime folds it at load. In eager
+    inference such a layer then forwards the shapes it runs rebuilt straight to
+    ``F.linear`` / ``F.conv2d`` on it (about the cost of the dense layer's call; convolution
+    kernels in the channels_last layout if ``channels_last``); compiled graphs read it
+    through :func:`folded_weight`. Call it after the execution choice and once the weights are
     final: in-place changes of the parameters afterwards are not seen until ``train()``,
     ``load_state_dict`` or :func:`unfold_kernels`, which drop the kernels (with autograd on
     the layers always run from their cores). Returns the names of the layers folded."""
@@ -938,8 +939,7 @@ def fold_kernels(model: nn.Module, channels_last: bool = False) -> list[str]:
                 w = m.to_dense().detach()
                 m.register_buffer(FOLDED, w, persistent=False)
                 m.__dict__["_folded"] = (_weights_key(m), w)
-                if all(v == "rebuilt" for v in modes.values()):
-                    m.__dict__["forward"] = _frozen_forward(m, w, channels_last)
+                m.__dict__["forward"] = _frozen_forward(m, w, channels_last)
                 names.append(name)
     return names
 
@@ -961,16 +961,29 @@ _is_grad_enabled = torch.is_grad_enabled
 def _frozen_forward(
     layer: FactorizedLayer, kernel: torch.Tensor, channels_last: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The forward :func:`fold_kernels` gives a layer that runs every shape rebuilt: the
-    dense op on ``kernel`` without autograd (outside export), else the layer's own."""
+    """The forward :func:`fold_kernels` gives a layer that runs some shape rebuilt: in
+    eager inference, the dense op on ``kernel`` for the shapes chosen rebuilt (every shape
+    if all are); otherwise (autograd, export, compile, shapes run factorized) the layer's
+    own forward."""
     own = type(layer).forward.__get__(layer)
-    bias, g = layer.bias, layer.geometry
+    bias, g, modes = layer.bias, layer.geometry, layer._execution
+    every = all(v == "rebuilt" for v in modes.values())
+
+    def rebuilt_here(x: torch.Tensor) -> bool:
+        if _is_grad_enabled() or _exporting() or _compiler_flag("is_dynamo_compiling"):
+            return False
+        if every:
+            return True
+        if g.kind == "linear":
+            key: tuple[Any, ...] = (math.prod(x.shape[:-1]) if x.dim() > 1 else 1,)
+        else:
+            key = (x.shape[0], x.shape[2], x.shape[3]) if x.dim() == 4 else ()
+        return modes.get(key, modes.get(ANY_SHAPE)) == "rebuilt"
+
     if g.kind == "linear":
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            if _is_grad_enabled() or _exporting():
-                return own(x)
-            return F.linear(x, kernel, bias)
+            return F.linear(x, kernel, bias) if rebuilt_here(x) else own(x)
 
         forward._tdcompress_frozen = True  # type: ignore[attr-defined]
         return forward
@@ -980,9 +993,9 @@ def _frozen_forward(
     stride, padding, dilation, groups = g.stride, g.padding, g.dilation, g.groups
 
     def forward_conv(x: torch.Tensor) -> torch.Tensor:
-        if _is_grad_enabled() or _exporting():
-            return own(x)
-        return F.conv2d(x, k, bias, stride, padding, dilation, groups)
+        if rebuilt_here(x):
+            return F.conv2d(x, k, bias, stride, padding, dilation, groups)
+        return own(x)
 
     forward_conv._tdcompress_frozen = True  # type: ignore[attr-defined]
     return forward_conv
