@@ -444,3 +444,29 @@ def test_folded_layers_with_mixed_choices_run_each_shape_in_its_mode(factorized_
         assert count.rebuilt == [] and len(own) == len(FACTORIZED)
     torch.testing.assert_close(got1, want1, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got4, want4, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("slow", ["factorized", "rebuilt"])
+def test_folded_choice_keeps_every_layer_rebuilt_unless_the_whole_model_gains(
+    slow, factorized_net, monkeypatch
+):
+    """choose_execution(folded=True) checks the per-layer choices on the whole forward:
+    when the model runs slower with them than with every layer rebuilt (here: each layer
+    made to sleep in the slow mode, while timed alone factorized always looks faster), every
+    layer runs rebuilt for that shape and the records say so; otherwise the choices stay."""
+    import time
+
+    model = factorized_net().eval()
+    monkeypatch.setattr(_base, "_time_modes", lambda *a, **k: (1.0, 2.0))  # factorized wins
+    for m in model.modules():
+        if isinstance(m, FactorizedLayer):
+
+            def pre(mod, args):  # noqa: ANN001, ANN202
+                if _base.chosen_mode(mod, args[0]) == slow:
+                    time.sleep(0.002)
+
+            m.register_forward_pre_hook(pre)
+    recs = choose_execution(model, [(2, 3, 16, 16)], folded=True, repeats=3)
+    want = "rebuilt" if slow == "factorized" else "factorized"
+    assert {r.mode for r in recs} == {want}
+    assert set(rebuilt_layers(model)) == (set(FACTORIZED) if want == "rebuilt" else set())

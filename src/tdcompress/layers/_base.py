@@ -1142,6 +1142,7 @@ def choose_execution(
                     for h in handles:
                         h.remove()
                 done: set[tuple[int, tuple[Any, ...]]] = set()
+                start = len(records)
                 for name, layer, key, xin in seen:
                     if (id(layer), key) in done:  # (a module called twice per forward)
                         continue
@@ -1158,6 +1159,8 @@ def choose_execution(
                         mode = "rebuilt" if t_r < t_f * (1.0 - margin) else "factorized"
                     set_execution(layer, key, mode)
                     records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
+                if folded and force is None:
+                    _whole_model_check(model, x, records, start, done, repeats)
     finally:
         for m, t in zip(model.modules(), was):
             m.training = t
@@ -1166,6 +1169,49 @@ def choose_execution(
             big = max(k[0] for k in m._execution if k[0] >= 2 and k[1:] == rest)
             m._execution[(DYNAMIC, *rest)] = m._execution[(big, *rest)]
     return records
+
+
+def _whole_model_check(
+    model: nn.Module,
+    x: torch.Tensor,
+    records: list[ExecutionRecord],
+    start: int,
+    done_keys: set[tuple[int, tuple[Any, ...]]],
+    repeats: int,
+) -> None:
+    """With kept kernels every layer rebuilt runs as the dense model does; a layer timed
+    alone can look faster factorized yet slow the model down (the layout or strides of its
+    output, caches). So time the whole forward on ``x`` with the per-layer choices against
+    every layer rebuilt (interleaved medians) and keep every layer rebuilt for this shape
+    unless the choices are faster; the records of this shape (``records[start:]``)
+    follow."""
+    import time
+
+    layers = {id(m): m for m in model.modules() if _is_factorized(m)}
+    pairs = [(layers[i], key) for i, key in done_keys if i in layers]
+    chosen = {(id(m), key): m._execution.get(key) for m, key in pairs}
+    if all(v == "rebuilt" for v in chosen.values()):
+        return
+
+    def run(all_rebuilt: bool) -> float:
+        for m, key in pairs:
+            set_execution(m, key, "rebuilt" if all_rebuilt else chosen[(id(m), key)])
+        t0 = time.perf_counter()
+        model(x)
+        return time.perf_counter() - t0
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(3 + repeats):
+        for flag in (True, False) if k % 2 == 0 else (False, True):
+            t = run(flag)
+            if k >= 3:
+                times[flag].append(t)
+    rebuilt_all = _median(times[True]) <= _median(times[False])
+    for m, key in pairs:
+        set_execution(m, key, "rebuilt" if rebuilt_all else chosen[(id(m), key)])
+    if rebuilt_all:
+        for i in range(start, len(records)):
+            records[i] = dataclasses.replace(records[i], mode="rebuilt")
 
 
 def _grab(name: str, sink: list) -> Callable[..., None]:
