@@ -401,6 +401,11 @@ def write_page(doc: dict[str, Any]) -> None:
             "",
             "## Inference latency per sequence (16 steps; seed-0 models; PyTorch eager, 1 thread)",
             "",
+            "Each layer run factorized (2026-12-06, before the per-layer execution choice and",
+            "`fold_kernels`); as deployed, after them, in eager, compiled and ONNX Runtime at",
+            "1 and 2 threads: `benchmarks/results/inference.json`, group `lstm_fsdd`",
+            "(docs/performance.md).",
+            "",
             "| model | batch 1: µs / sequence | vs dense | batch 32: µs / sequence | vs dense |",
             "|---|---|---|---|---|",
         ]

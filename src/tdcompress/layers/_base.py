@@ -937,6 +937,8 @@ def fold_kernels(model: nn.Module, channels_last: bool = False) -> list[str]:
             if modes and "rebuilt" in modes.values():
                 _drop_folded(m)
                 w = m.to_dense().detach()
+                if channels_last and w.dim() == 4:  # (compiled graphs then copy nothing)
+                    w = w.contiguous(memory_format=torch.channels_last)
                 m.register_buffer(FOLDED, w, persistent=False)
                 m.__dict__["_folded"] = (_weights_key(m), w)
                 m.__dict__["forward"] = _frozen_forward(m, w, channels_last)
@@ -1160,7 +1162,7 @@ def choose_execution(
                     set_execution(layer, key, mode)
                     records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
                 if folded and force is None:
-                    _whole_model_check(model, x, records, start, done, repeats)
+                    _whole_model_check(model, x, records, start, done, repeats, channels_last)
     finally:
         for m, t in zip(model.modules(), was):
             m.training = t
@@ -1178,13 +1180,14 @@ def _whole_model_check(
     start: int,
     done_keys: set[tuple[int, tuple[Any, ...]]],
     repeats: int,
+    channels_last: bool = False,
 ) -> None:
     """With kept kernels every layer rebuilt runs as the dense model does; a layer timed
     alone can look faster factorized yet slow the model down (the layout or strides of its
     output, caches). So time the whole forward on ``x`` with the per-layer choices against
-    every layer rebuilt (interleaved medians) and keep every layer rebuilt for this shape
-    unless the choices are faster; the records of this shape (``records[start:]``)
-    follow."""
+    every layer rebuilt (interleaved medians; each as deployed after :func:`fold_kernels`)
+    and keep every layer rebuilt for this shape unless the choices are faster; the records
+    of this shape (``records[start:]``) follow."""
     import time
 
     layers = {id(m): m for m in model.modules() if _is_factorized(m)}
@@ -1193,12 +1196,18 @@ def _whole_model_check(
     if all(v == "rebuilt" for v in chosen.values()):
         return
 
+    folded_before = [m for m in layers.values() if FOLDED in m._buffers]
+
     def run(all_rebuilt: bool) -> float:
         for m, key in pairs:
             set_execution(m, key, "rebuilt" if all_rebuilt else chosen[(id(m), key)])
-        t0 = time.perf_counter()
-        model(x)
-        return time.perf_counter() - t0
+        fold_kernels(model, channels_last)
+        try:
+            t0 = time.perf_counter()
+            model(x)
+            return time.perf_counter() - t0
+        finally:
+            unfold_kernels(model)
 
     times: dict[bool, list[float]] = {True: [], False: []}
     for k in range(3 + repeats):
@@ -1209,6 +1218,8 @@ def _whole_model_check(
     rebuilt_all = _median(times[True]) <= _median(times[False])
     for m, key in pairs:
         set_execution(m, key, "rebuilt" if rebuilt_all else chosen[(id(m), key)])
+    if folded_before:  # (the model was folded before: it stays so, with the new choices)
+        fold_kernels(model, channels_last)
     if rebuilt_all:
         for i in range(start, len(records)):
             records[i] = dataclasses.replace(records[i], mode="rebuilt")
