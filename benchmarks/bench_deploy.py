@@ -455,6 +455,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help=f"JSON (default {DEFAULT_OUT})")
     ap.add_argument("--force", action="store_true", help="rerun groups already in --out")
     ap.add_argument(
+        "--overview", action="store_true", help="print one row per group of --out and exit"
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 2 repeats, batch 1, 1 thread, eager, 3 choice repeats, no memory, "
@@ -485,8 +488,42 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def overview(doc: dict[str, Any]) -> str:
+    """One markdown row per group: rows that pass ``never_slower`` per runtime and thread
+    count, the worst speedup, and ``ort_1.5x``."""
+    lines = [
+        "| group | eager 1 / 2 threads | compile 1 / 2 | ONNX Runtime 1 / 2 | worst row "
+        "| ONNX Runtime >= 1.5x (MACs cut >= 5x, batch >= 8) | timed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, g in doc["groups"].items():
+        rows = [r for r in g["bench"]["rows"] if r.get("never_slower") is not None]
+        cells = []
+        for rt in RUNTIMES:
+            per = []
+            for t in (1, 2):
+                sel = [r for r in rows if r["runtime"] == rt and r["threads"] == t]
+                per.append(f"{sum(r['never_slower'] for r in sel)}/{len(sel)}" if sel else "-")
+            cells.append(" / ".join(per))
+        w = g["summary"]["never_slower"]["worst"]
+        key = next(k for k in w if k.startswith("speedup_vs_")) if w else None
+        worst = (
+            f"{w['model']} {w['runtime']} {w['threads']}t b{w['batch']}: {w[key]:.2f}x"
+            if w
+            else "-"
+        )
+        o = g["summary"]["ort_1.5x"]
+        ort = f"{o['pass']}/{o['rows']}" if o["rows"] else "-"
+        when = (g.get("load_before") or {}).get("time", "")
+        lines.append(f"| {name} | {' | '.join(cells)} | {worst} | {ort} | {when} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.overview:
+        print(overview(read_results(args.out)))
+        return {}
     doc = read_results(args.out)
     doc["meta"].update(
         {
