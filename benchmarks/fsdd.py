@@ -418,6 +418,22 @@ def write_page(doc: dict[str, Any]) -> None:
                 f"| {METHODS[k][0]} | {a['us_per_sequence']:.0f} | {a['speedup_vs_dense']:.2f}x "
                 f"| {b['us_per_sequence']:.0f} | {b['speedup_vs_dense']:.2f}x |"
             )
+    if doc.get("controls"):
+        lines += [
+            "",
+            "## Control runs: does the execution mode change the result?",
+            "",
+            "The compressed runs of seeds 1-2 trained their TT layers through the rebuilt kernel",
+            "(`runtime.execution: rebuilt`), seed 0 factorized. The same run in the other mode:",
+            "",
+            "| run | recorded (mode) | control (mode) | command of the control |",
+            "|---|---|---|---|",
+        ]
+        for c in doc["controls"]:
+            lines.append(
+                f"| {c['id']} | {c['recorded']:.1f} ({c['recorded_mode']}) | "
+                f"{c['top1']:.1f} ({c['mode']}) | `{c['command']}` |"
+            )
     lines += ["", "## Verdict", "", doc.get("verdict") or "(runs not finished)", ""]
     lines += ["![curves and accuracy vs compression](fsdd.png)", ""]
     atomic_write_text(PAGE, "\n".join(lines))
@@ -491,6 +507,7 @@ def collect(lat: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         "runs": results,
         "summary": summarise(results),
         "latency": lat if lat is not None else old.get("latency"),
+        "controls": old.get("controls"),
         "verdict": old.get("verdict"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
