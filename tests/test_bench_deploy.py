@@ -103,6 +103,13 @@ def test_quick_run_is_resumable_per_group(bench, tmp_path, capsys):
         torch.set_num_threads(n)
     assert "transformer: already in" in capsys.readouterr().out
     assert again["groups"]["transformer"] == rec  # not rerun
+    bench.main(["--overview", "--out", str(out)])  # one row: eager at 1 thread only
+    table = capsys.readouterr().out.splitlines()
+    rows = [r for r in rec["bench"]["rows"] if r["model"] != "dense"]
+    passed = sum(r["never_slower"] for r in rows)
+    assert len(table) == 3 and table[2].startswith(
+        f"| transformer | {passed}/{len(rows)} / - | - / - |"
+    )
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="not a bench_deploy.py result"):
         bench.main(["--quick", "--out", str(tmp_path / "other.json")])
