@@ -24,16 +24,17 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import tdcompress as tdc
 from tdcompress.layers import set_model_execution
 from tdcompress.models import build_model
 from tdcompress.train.checkpoint import atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train_step import step_fn  # noqa: E402  (one timed SGD step, shared)
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "train_execution.json"
@@ -63,23 +64,6 @@ def make_case(name: str) -> tuple[dict[str, torch.nn.Module], torch.Tensor, str]
     return models, x, f"TT {p.layers_ratio:.1f}x of its layers ({p.compressed_params:,} params)"
 
 
-def step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], float]:
-    """One timed SGD step (seconds) of ``model`` in training mode on ``x``."""
-    model = copy.deepcopy(model).train()
-    y = torch.randint(0, 10, (x.shape[0],))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def step() -> float:
-        t = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t
-
-    return step
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=["lstm", "lenet5", "resnet20"])
@@ -94,7 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in a.cases:
         models, x, desc = make_case(name)
-        steps = {label: step_fn(m, x) for label, m in models.items()}
+        nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        steps = {
+            label: step_fn(m, tuple(x.shape[1:]), False, nhwc, int(x.shape[0]))
+            for label, m in models.items()
+        }
         for fn in steps.values():  # warm-up (plans, allocator)
             fn()
             fn()

@@ -84,6 +84,21 @@ def _counted(layer: nn.Module) -> list[int]:
     return calls
 
 
+def _factorized_encoder(enc: nn.TransformerEncoder):
+    """``enc`` with each layer's linear1 in TT (rank 2) and linear2 in low rank (rank 3),
+    a dense copy holding the reconstructed weights (the oracle), and call counters."""
+    ref = copy.deepcopy(enc)
+    counters = []
+    for own, dense in zip(enc.layers, ref.layers):
+        own.linear1 = TTLinear.from_dense(own.linear1, 2)
+        own.linear2 = LowRankLinear.from_dense(own.linear2, 3)
+        with torch.no_grad():
+            dense.linear1.weight.copy_(own.linear1.to_dense())
+            dense.linear2.weight.copy_(own.linear2.to_dense())
+        counters += [_counted(own.linear1), _counted(own.linear2)]
+    return enc, ref, counters
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_transformer_encoder_runs_the_factorized_layers(batch_first, norm_first):
@@ -95,15 +110,7 @@ def test_transformer_encoder_runs_the_factorized_layers(batch_first, norm_first)
         32, 4, 64, dropout=0.0, batch_first=batch_first, norm_first=norm_first
     )
     enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=not norm_first)
-    ref = copy.deepcopy(enc)
-    counters = []
-    for own, dense in zip(enc.layers, ref.layers):
-        own.linear1 = TTLinear.from_dense(own.linear1, 2)
-        own.linear2 = LowRankLinear.from_dense(own.linear2, 3)
-        with torch.no_grad():
-            dense.linear1.weight.copy_(own.linear1.to_dense())
-            dense.linear2.weight.copy_(own.linear2.to_dense())
-        counters += [_counted(own.linear1), _counted(own.linear2)]
+    enc, ref, counters = _factorized_encoder(enc)
     x = torch.randn(3, 5, 32)
     if not batch_first:
         x = x.transpose(0, 1)
@@ -152,15 +159,7 @@ def test_rebuilt_layers_let_the_encoder_take_its_fused_kernel() -> None:
     torch.manual_seed(1)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-    ref = copy.deepcopy(enc)
-    counters = []
-    for own, dense in zip(enc.layers, ref.layers):
-        own.linear1 = TTLinear.from_dense(own.linear1, 2)
-        own.linear2 = LowRankLinear.from_dense(own.linear2, 3)
-        with torch.no_grad():
-            dense.linear1.weight.copy_(own.linear1.to_dense())
-            dense.linear2.weight.copy_(own.linear2.to_dense())
-        counters += [_counted(own.linear1), _counted(own.linear2)]
+    enc, ref, counters = _factorized_encoder(enc)
     set_model_execution(enc, "rebuilt")
     enc.eval()
     ref.eval()
