@@ -24,6 +24,7 @@ from tdcompress.layers import (
     execution_modes,
     rebuilt_layers,
     set_execution,
+    set_model_execution,
 )
 from tdcompress.layers._base import DYNAMIC, FactorizedLayer
 
@@ -111,6 +112,17 @@ def test_the_choice_is_per_input_shape_and_other_shapes_stay_factorized(
         assert len(count.rebuilt) == len(FACTORIZED)
     clear_execution(model)
     assert rebuilt_layers(model) == [] and all(not v for v in execution_modes(model).values())
+
+
+def test_a_choice_per_shape_on_top_of_a_model_wide_mode(factorized_net):
+    """set_model_execution's ANY_SHAPE entry stays for other shapes; choose_execution adds
+    the shape's own choice (and the symbolic batch's) beside it (it used to fail on the
+    empty key)."""
+    model = factorized_net().eval()
+    set_model_execution(model, "rebuilt")
+    choose_execution(model, [(4, 3, 16, 16)], force="factorized")
+    modes = execution_modes(model)
+    assert modes["10"] == {(): "rebuilt", (4,): "factorized", (DYNAMIC,): "factorized"}
 
 
 def test_the_choice_is_machine_state_not_saved_in_the_state_dict(factorized_net):

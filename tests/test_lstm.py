@@ -359,3 +359,115 @@ def test_compiled_inference_with_folded_input_kernel_runs_pytorch_lstm() -> None
         got, want = compiled(x), ref(x)
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _wide_lstm(bias: bool = True, batch_first: bool = False, own_bias: bool = False):
+    """A 2-layer FactorizedLSTM whose first input layer is wider than 4 * hidden (20 > 16):
+    full-rank low rank (so nn.LSTM with the same weights is an oracle unless ``own_bias``),
+    the second a dense nn.Linear; and that nn.LSTM."""
+    torch.manual_seed(11)
+    ref = nn.LSTM(20, 4, num_layers=2, bias=bias, batch_first=batch_first).double()
+    first = LowRankLinear.from_dense(_dense_ih(ref, 0), 100)
+    if own_bias:
+        first = LowRankLinear(20, 16, 3, bias=True, dtype=D)
+    return FactorizedLSTM.from_lstm(ref, [first, None]).eval(), ref
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("own_bias", [False, True])
+def test_fused_recurrence_on_projected_gates_matches_per_step(
+    batch_first, bias, own_bias, monkeypatch
+) -> None:
+    """Recurrence mode "fused": a wide input layer running factorized projects, and PyTorch's
+    LSTM kernel runs on the gates with an identity input matrix; the oracles are the same
+    module with autograd on (the hand-written recurrence) and nn.LSTM; "per_step" (the
+    default in eager inference) runs the loop."""
+    import tdcompress.layers.lstm as lstm_mod
+
+    f, ref = _wide_lstm(bias, batch_first, own_bias)
+    loops: list[int] = []
+    real = lstm_mod.recurrence
+    monkeypatch.setattr(lstm_mod, "recurrence", lambda *a: loops.append(1) or real(*a))
+    T, B = 5, 3
+    x = torch.randn(*((B, T) if batch_first else (T, B)), 20, dtype=D)
+    h0, c0 = torch.randn(2, B, 4, dtype=D), torch.randn(2, B, 4, dtype=D)
+    xu = x[0] if batch_first else x[:, 0]
+    for args in ((x, (h0, c0)), (x,), (xu, (h0[:, 0], c0[:, 0]))):
+        want = torch.utils._pytree.tree_leaves(f(*args))  # autograd on: the loop
+        key = f.recurrence_key(args[0])
+        assert key == ((1, T) if args[0].dim() == 2 else (B, T))
+        for mode, loop in (("per_step", True), ("fused", False)):
+            f.set_recurrence(key, mode)
+            loops.clear()
+            with torch.no_grad():
+                got = torch.utils._pytree.tree_leaves(f(*args))
+            assert bool(loops) == loop, mode
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            if not own_bias:
+                with torch.no_grad():
+                    for a, b in zip(got, torch.utils._pytree.tree_leaves(ref(*args))):
+                        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_recurrence_choice_is_timed_by_choose_execution(monkeypatch) -> None:
+    """choose_execution times a FactorizedLSTM whose wide input layer runs factorized (per
+    step against fused) and records the faster mode for the shape; outputs do not change;
+    a narrow factorized input layer leaves nothing to choose; bad modes are refused."""
+    import tdcompress.layers._base as base
+    from tdcompress.layers import RECURRENCE_MODES, choose_execution
+
+    # the input layer's own choice made "factorized" whatever this machine measures
+    monkeypatch.setattr(base, "_time_modes", lambda *a: (0.0, 1.0))
+    f, _ = _wide_lstm()
+    x = torch.randn(5, 3, 20, dtype=D)
+    with torch.no_grad():
+        want = f(x)[0]
+    recs = choose_execution(f, [tuple(x.shape)], repeats=2, warmup=0)
+    assert [r.key for r in recs if r.layer == ""] == [(3, 5)]
+    (rec,) = [r for r in recs if r.layer == ""]
+    assert rec.mode in RECURRENCE_MODES and rec.factorized_s > 0 and rec.rebuilt_s > 0
+    assert f._recurrence[(3, 5)] == rec.mode
+    with torch.no_grad():
+        torch.testing.assert_close(f(x)[0], want, rtol=1e-10, atol=1e-12)
+    narrow = FactorizedLSTM(6, 4, input_layers=[LowRankLinear(6, 16, 2)]).eval()
+    assert narrow.time_recurrence(torch.randn(5, 3, 6), repeats=1, warmup=0) is None
+    with pytest.raises(ValueError, match=r"mode must be one of \['per_step', 'fused'\]"):
+        f.set_recurrence((3, 5), "loop")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
+    reason="onnx (and onnxscript, which torch.onnx.export needs) not installed",
+)
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("case", ["wide_factorized", "wide_rebuilt", "narrow_factorized"])
+def test_export_runs_onnx_lstm_operator_and_keeps_the_cores(tmp_path, case) -> None:
+    """Exported, a FactorizedLSTM is one ONNX LSTM operator per layer group (not the loop
+    unrolled into the graph) whatever its input layer's mode: a wide factorized input layer
+    projects and the operator multiplies by an identity built in the graph; otherwise the
+    operator's input matrix is rebuilt from the cores in the graph. The file keeps the
+    compressed size (no dense matrix, no identity stored) and matches the eager model."""
+    import onnx
+
+    from tdcompress.export import export_model
+    from tdcompress.layers import ANY_SHAPE, TTLinear, set_execution
+
+    torch.manual_seed(3)
+    wide = case != "narrow_factorized"
+    n_in = 512 if wide else 64
+    f = FactorizedLSTM(n_in, 32, input_layers=[TTLinear(n_in, 128, ranks=2)]).eval()
+    if case == "wide_rebuilt":
+        set_execution(f.input_layers[0], ANY_SHAPE, "rebuilt")
+    res = export_model(f, torch.randn(7, 2, n_in), tmp_path / "lstm.onnx", dynamic_batch=False)
+    proto = onnx.load(str(res.path))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("LSTM") == 1, ops
+    assert "Loop" not in ops and ops.count("Sigmoid") == 0, ops
+    dense_ih = n_in * 128 * 4  # bytes of the dense input matrix
+    recurrent = 128 * 32 * 4
+    assert res.file_bytes < recurrent + dense_ih / 4, (res.file_bytes, dense_ih)
+    if wide:  # and the 128 x 128 identity is not stored either
+        assert res.file_bytes < recurrent + 128 * 128 * 4 / 4

@@ -21,7 +21,7 @@ from tdcompress.layers._base import (
     warm_plans,
 )
 from tdcompress.layers.lowrank import LowRankConv2d, LowRankLinear
-from tdcompress.layers.lstm import FactorizedLSTM
+from tdcompress.layers.lstm import RECURRENCE_MODES, FactorizedLSTM
 from tdcompress.layers.registry import (
     build,
     build_initialized,
@@ -48,6 +48,7 @@ __all__ = [
     "set_model_execution",
     "unfold_kernels",
     "FactorizedLSTM",
+    "RECURRENCE_MODES",
     "LowRankConv2d",
     "LowRankLinear",
     "TRConv2d",

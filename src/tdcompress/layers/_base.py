@@ -1062,7 +1062,10 @@ def _is_factorized(m: nn.Module) -> bool:
 @dataclass(frozen=True)
 class ExecutionRecord:
     """One layer's execution choice for one input shape (:func:`choose_execution`):
-    median seconds of each mode (``None`` when forced) and the mode chosen."""
+    median seconds of each mode (``None`` when forced) and the mode chosen. For a
+    :class:`~tdcompress.layers.FactorizedLSTM`'s recurrence (mode ``"per_step"`` or
+    ``"fused"``, key ``(batch, T)``), ``factorized_s`` is the per-step loop's time and
+    ``rebuilt_s`` the fused kernel's."""
 
     layer: str
     input_shape: tuple[int, ...]
@@ -1110,7 +1113,10 @@ def choose_execution(
     rebuild). ``force``: set that mode everywhere without timing. Plans are
     warmed first (:func:`warm_plans`); a shape with a batch >= 2 also sets the choice for a
     batch ``torch.compile`` leaves symbolic (that of the largest such batch), so call this
-    before compiling or exporting. Returns one record per layer and key."""
+    before compiling or exporting. A :class:`~tdcompress.layers.FactorizedLSTM` whose wide
+    input layer then runs factorized also gets its recurrence mode for the shape
+    (:meth:`~tdcompress.layers.FactorizedLSTM.time_recurrence`: per step or PyTorch's fused
+    kernel, as exported graphs run it too). Returns one record per layer and key."""
     if force is not None and force not in EXECUTION_MODES:
         raise ValueError(f"force must be None or one of {list(EXECUTION_MODES)}, got {force!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -1122,6 +1128,8 @@ def choose_execution(
     named = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
     if not named:
         return []
+    # (modules with a recurrence mode of their own: FactorizedLSTM)
+    recurrent = [(n, m) for n, m in model.named_modules() if hasattr(m, "time_recurrence")]
     warm_plans(model, input_shapes, channels_last=channels_last, device=device)
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     if device is None:
@@ -1135,6 +1143,10 @@ def choose_execution(
             for shape in input_shapes:
                 seen: list[tuple[str, FactorizedLayer, tuple[Any, ...], torch.Tensor]] = []
                 handles = [m.register_forward_pre_hook(_grab(n, seen)) for n, m in named]
+                lstm_inputs: list[tuple[str, nn.Module, torch.Tensor]] = []
+                handles += [
+                    m.register_forward_pre_hook(_grab_input(n, lstm_inputs)) for n, m in recurrent
+                ]
                 try:
                     x = torch.zeros(tuple(shape), device=device, dtype=dtype)
                     if channels_last and x.dim() == 4:
@@ -1163,13 +1175,48 @@ def choose_execution(
                     records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
                 if folded and force is None:
                     _whole_model_check(model, x, records, start, done, repeats, channels_last)
+                if force is None:  # (with the layers' modes for this shape settled)
+                    records += _choose_recurrences(lstm_inputs, repeats, warmup)
     finally:
         for m, t in zip(model.modules(), was):
             m.training = t
     for _, m in named:  # a batch left symbolic: the choice of the largest batch of that shape
-        for rest in {k[1:] for k in m._execution if k[0] >= 2}:
-            big = max(k[0] for k in m._execution if k[0] >= 2 and k[1:] == rest)
-            m._execution[(DYNAMIC, *rest)] = m._execution[(big, *rest)]
+        _dynamic_choice(m._execution)
+    for _, m in recurrent:
+        _dynamic_choice(m.__dict__.get("_recurrence", {}))
+    return records
+
+
+def _dynamic_choice(modes: dict[tuple[Any, ...], str]) -> None:
+    """Give ``modes`` (keyed ``(batch, ...)``) the choice for a symbolic batch (:data:`DYNAMIC`)
+    of each shape: that of its largest batch >= 2."""
+    sized = [k for k in modes if k and k[0] >= 2]  # (not ANY_SHAPE, not DYNAMIC)
+    for rest in {k[1:] for k in sized}:
+        big = max(k[0] for k in sized if k[1:] == rest)
+        modes[(DYNAMIC, *rest)] = modes[(big, *rest)]
+
+
+def _choose_recurrences(
+    seen: list[tuple[str, nn.Module, torch.Tensor]],
+    repeats: int,
+    warmup: int,
+) -> list[ExecutionRecord]:
+    """Time each recurrent module on the input it got (``time_recurrence``: per step against
+    fused) and set the faster mode for its key; records whose ``factorized_s`` is the
+    per-step time and ``rebuilt_s`` the fused one."""
+    records: list[ExecutionRecord] = []
+    done: set[tuple[int, tuple[Any, ...]]] = set()
+    for name, m, x in seen:
+        key = m.recurrence_key(x)  # type: ignore[operator]
+        if (id(m), key) in done:
+            continue
+        done.add((id(m), key))
+        times = m.time_recurrence(x, repeats, warmup)  # type: ignore[operator]
+        if times is None:
+            continue
+        mode = "fused" if times[1] <= times[0] else "per_step"
+        m.set_recurrence(key, mode)  # type: ignore[operator]
+        records.append(ExecutionRecord(name, tuple(x.shape), key, mode, *times))
     return records
 
 
@@ -1231,6 +1278,15 @@ def _grab(name: str, sink: list) -> Callable[..., None]:
     def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]  # (the key of the input itself: a copy may have other strides)
         sink.append((name, mod, execution_key(mod, x), _copy_strided(x)))  # type: ignore[arg-type]
+
+    return hook
+
+
+def _grab_input(name: str, sink: list) -> Callable[..., None]:
+    """A forward pre-hook appending ``(name, module, copy of the input)`` to ``sink``."""
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        sink.append((name, mod, _copy_strided(args[0])))
 
     return hook
 

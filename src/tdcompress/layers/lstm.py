@@ -10,6 +10,7 @@ dense ``weight_hh_l{k}`` (4H, H). Gate order is PyTorch's: input, forget, cell, 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,10 @@ from tdcompress.layers._base import (
     EXTRA_STATE_VERSION,
     RECORD_KEY,
     FactorizedLayer,
+    _compiler_flag,
     _exporting,
+    _median,
+    batch_key,
     check_record,
     chosen_mode,
     folded_weight,
@@ -30,7 +34,13 @@ from tdcompress.layers._base import (
 )
 from tdcompress.layers.registry import register_layer
 
-__all__ = ["FactorizedLSTM", "recurrence"]
+__all__ = ["RECURRENCE_MODES", "FactorizedLSTM", "recurrence"]
+
+#: how a :class:`FactorizedLSTM` runs, without autograd, a layer whose input module runs
+#: factorized (its own contraction): ``"per_step"``, the recurrence as a loop of small ops
+#: per time step (:func:`recurrence`); ``"fused"``, PyTorch's fused LSTM kernel (ONNX's
+#: ``LSTM`` operator when exported) on the projected gates, with an identity input matrix
+RECURRENCE_MODES = ("per_step", "fused")
 
 
 def _loop(
@@ -222,6 +232,9 @@ class FactorizedLSTM(nn.Module):
                 self.register_parameter(f"bias_ih_l{k}", None)
                 self.register_parameter(f"bias_hh_l{k}", None)
         self._default = default
+        #: recurrence mode by key (:meth:`recurrence_key`), set by :meth:`set_recurrence`
+        #: and :func:`~tdcompress.layers.choose_execution`
+        self._recurrence: dict[tuple[Any, ...], str] = {}
         if not init_skipped():
             self.reset_parameters()
 
@@ -309,40 +322,158 @@ class FactorizedLSTM(nn.Module):
                 "from the file (tdcompress.load_compressed)"
             )
 
-    def _dense_inputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], bool] | None:
-        """Without autograd (not tracing or exporting), where every input layer runs the
-        rows of ``x`` as one dense matrix (a plain ``nn.Linear``, or a factorized layer whose
-        execution choice for them is ``"rebuilt"``, its kernel kept by
-        :func:`~tdcompress.layers._base.folded_weight`; under ``torch.compile``, folded by
-        :func:`~tdcompress.layers.fold_kernels`): the flat weights of PyTorch's LSTM kernel
-        (``w_ih, w_hh[, b_ih, b_hh]`` per layer, an input layer's own bias added to
-        ``b_ih``) and whether they hold biases. ``None`` otherwise: the layers run one by
-        one."""
-        if torch.is_grad_enabled() or _exporting():
+    def recurrence_key(self, input: torch.Tensor) -> tuple[Any, ...]:
+        """The key of the recurrence mode for ``input`` (as :meth:`forward` takes it):
+        ``(batch, T)``, the batch entry as the factorized layers key theirs."""
+        if input.dim() == 2:
+            return (1, int(input.shape[0]))
+        b, t = (0, 1) if self.batch_first else (1, 0)
+        return (batch_key(input.shape[b]), int(input.shape[t]))
+
+    def set_recurrence(self, key: tuple[Any, ...], mode: str) -> None:
+        """Run inputs of ``key`` (:meth:`recurrence_key`) in recurrence ``mode`` (one of
+        :data:`RECURRENCE_MODES`); it matters only without autograd, for layers whose input
+        module runs factorized and has more than ``4 * hidden_size`` features (see
+        :meth:`_fused_plan`)."""
+        if mode not in RECURRENCE_MODES:
+            raise ValueError(f"mode must be one of {list(RECURRENCE_MODES)}, got {mode!r}")
+        if "_recurrence" not in self.__dict__:  # (unpickled from an older tdcompress)
+            self._recurrence = {}
+        self._recurrence[tuple(key)] = mode
+
+    def time_recurrence(
+        self, input: torch.Tensor, repeats: int = 20, warmup: int = 3
+    ) -> tuple[float, float] | None:
+        """Median seconds of ``self(input)`` (no autograd) with the recurrence per step and
+        fused, interleaved; ``None`` when the choice does not matter for ``input`` (no layer
+        would run fused with an identity input matrix). Leaves the mode as it was."""
+        key = self.recurrence_key(input)
+        modes = self.__dict__.setdefault("_recurrence", {})
+        was = modes.get(key)
+        try:
+            with torch.no_grad():
+                self.set_recurrence(key, "fused")
+                x = input.unsqueeze(1) if input.dim() == 2 else input
+                if self.batch_first and input.dim() == 3:
+                    x = x.transpose(0, 1)
+                plan = self._fused_plan(x, key)
+                if plan is None or all(w is not None for w, _ in plan):
+                    return None
+                times: dict[str, list[float]] = {m: [] for m in RECURRENCE_MODES}
+                sync = torch.cuda.synchronize if input.device.type == "cuda" else (lambda: None)
+                for k in range(warmup + repeats):
+                    order = RECURRENCE_MODES if k % 2 == 0 else RECURRENCE_MODES[::-1]
+                    for mode in order:
+                        self.set_recurrence(key, mode)
+                        sync()
+                        t0 = time.perf_counter()
+                        self(input)
+                        sync()
+                        if k >= warmup:
+                            times[mode].append(time.perf_counter() - t0)
+                return _median(times["per_step"]), _median(times["fused"])
+        finally:
+            if was is None:
+                modes.pop(key, None)
+            else:
+                modes[key] = was
+
+    def _fused_plan(
+        self, x: torch.Tensor, key: tuple[Any, ...]
+    ) -> list[tuple[torch.Tensor | None, Any]] | None:
+        """How each layer runs through PyTorch's fused LSTM kernel (``torch._VF.lstm``, which
+        ONNX export turns into ONNX's ``LSTM`` operator), or ``None``: the layers run one by
+        one through :func:`recurrence` (under autograd; under ``torch.compile`` unless
+        every input matrix is dense or folded; in recurrence mode ``"per_step"``).
+
+        One entry per layer: ``(w_ih, extra_bias)``, the layer's input matrix as a dense
+        tensor (a plain ``nn.Linear``; a factorized layer running ``x``'s rows ``"rebuilt"``:
+        its kept kernel in eager inference (:func:`~tdcompress.layers._base.folded_weight`),
+        the kernel folded by :func:`~tdcompress.layers.fold_kernels` under compile, or the
+        kernel rebuilt from the cores in the graph when exporting, so the file keeps the
+        cores and the runtime folds them once at load); or ``(None, module)``: the layer's
+        input module runs as it is (its factorized contraction) and the kernel gets the
+        projected gates with an identity input matrix (``4H x 4H``, built in the graph).
+        The latter only for an input of more than ``4 * hidden_size`` features, in
+        recurrence mode ``"fused"`` (``key``'s mode; without one: ``"fused"`` when
+        exporting, as one ONNX ``LSTM`` operator is never slower than the loop unrolled
+        into the graph, ``"per_step"`` in eager inference); a narrower input layer running
+        factorized is rebuilt when exporting (the identity product alone costs as much as
+        the dense one) and runs per step in eager inference."""
+        exporting = _exporting()
+        if torch.is_grad_enabled() and not exporting:
             return None
-        weights: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        for m in self.input_layers:
+        compiling = _compiler_flag("is_dynamo_compiling") and not exporting
+        plan: list[tuple[torch.Tensor | None, Any]] = []
+        for k, m in enumerate(self.input_layers):
             if type(m) is nn.Linear:
-                weights.append((m.weight, m.bias))
+                plan.append((m.weight, m.bias))
                 continue
-            if not isinstance(m, FactorizedLayer) or chosen_mode(m, x) != "rebuilt":
+            in_k = self.input_size if k == 0 else self.hidden_size
+            wide = in_k > 4 * self.hidden_size
+            if isinstance(m, FactorizedLayer):
+                rebuilt = chosen_mode(m, x) == "rebuilt"
+                if rebuilt or (exporting and not wide):
+                    w = m.to_dense() if exporting else folded_weight(m)
+                    if w is None:  # (compiled without a folded kernel)
+                        return None
+                    plan.append((w, m.bias))
+                    continue
+            if compiling or not wide:
                 return None
-            w = folded_weight(m)
-            if w is None:
+            mode = self.__dict__.get("_recurrence", {}).get(key)
+            if (mode or ("fused" if exporting else "per_step")) != "fused":
                 return None
-            weights.append((w, m.bias))
+            plan.append((None, m))
+        return plan
+
+    def _fused(
+        self,
+        x: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+        plan: list[tuple[torch.Tensor | None, Any]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layers through ``torch._VF.lstm`` as :meth:`_fused_plan` says: all at once
+        when every input matrix is dense, else one call per layer."""
         params = self._parameters
-        biased = self.bias or any(extra is not None for _, extra in weights)
-        flat: list[torch.Tensor] = []
-        for k, (w, extra) in enumerate(weights):
-            flat += [w, params[f"weight_hh_l{k}"]]
-            if not biased:
-                continue
-            b_ih, b_hh = params[f"bias_ih_l{k}"], params[f"bias_hh_l{k}"]
-            if b_ih is None:  # (biases from some input layer only)
-                b_ih = b_hh = w.new_zeros(w.shape[0])
-            flat += [b_ih if extra is None else b_ih + extra, b_hh]
-        return flat, biased
+        H, L = self.hidden_size, self.num_layers
+        biased = self.bias or any(w is not None and e is not None for w, e in plan)
+        if all(w is not None for w, _ in plan):
+            flat: list[torch.Tensor] = []
+            for k, (w, extra) in enumerate(plan):
+                flat += [w, params[f"weight_hh_l{k}"], *self._biases(k, w, extra, biased)]
+            return torch._VF.lstm(  # type: ignore[attr-defined]
+                x, (h0, c0), flat, biased, L, self.dropout, self.training, False, False
+            )
+        hn, cn = [], []
+        for k, (w, extra) in enumerate(plan):
+            if k > 0 and self.dropout > 0.0 and self.training:
+                x = F.dropout(x, self.dropout, True)
+            if w is None:  # the module projects; the kernel multiplies by the identity
+                T = x.shape[0]
+                x = extra(x.reshape(-1, x.shape[-1])).reshape(T, -1, 4 * H)
+                w, extra = torch.eye(4 * H, dtype=x.dtype, device=x.device), None
+            b = self.bias or extra is not None
+            flat = [w, params[f"weight_hh_l{k}"], *self._biases(k, w, extra, b)]
+            x, h, c = torch._VF.lstm(  # type: ignore[attr-defined]
+                x, (h0[k : k + 1], c0[k : k + 1]), flat, b, 1, 0.0, False, False, False
+            )
+            hn.append(h)
+            cn.append(c)
+        return x, torch.cat(hn), torch.cat(cn)
+
+    def _biases(
+        self, k: int, w: torch.Tensor, extra: torch.Tensor | None, biased: bool
+    ) -> list[torch.Tensor]:
+        """``[b_ih, b_hh]`` of layer ``k`` for the fused kernel (an input layer's own bias
+        ``extra`` added to ``b_ih``; zeros where the LSTM has none), or ``[]``."""
+        if not biased:
+            return []
+        b_ih, b_hh = self._parameters[f"bias_ih_l{k}"], self._parameters[f"bias_hh_l{k}"]
+        if b_ih is None or b_hh is None:  # (biases from some input layer only)
+            b_ih = b_hh = w.new_zeros(w.shape[0])
+        return [b_ih if extra is None else b_ih + extra, b_hh]
 
     #: ``nn.LSTM`` attributes for code that inspects them (neither option is supported)
     bidirectional = False
@@ -405,11 +536,9 @@ class FactorizedLSTM(nn.Module):
             self._check_state(c0, "c_0", None if unbatched else B)
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        dense = self._dense_inputs(x)
-        if dense is not None:  # no autograd: PyTorch's own LSTM kernel, all layers at once
-            x, h_n, c_n = torch._VF.lstm(  # type: ignore[attr-defined]
-                x, (h0, c0), dense[0], dense[1], L, self.dropout, self.training, False, False
-            )
+        plan = self._fused_plan(x, self.recurrence_key(input))
+        if plan is not None:  # no autograd, or exporting: PyTorch's own LSTM kernel
+            x, h_n, c_n = self._fused(x, h0, c0, plan)
         else:
             hn, cn = [], []
             for k in range(L):
