@@ -52,8 +52,33 @@ def test_bench_prints_and_writes_dense_and_compressed_side_by_side(tiny_run, cap
     for r in doc["rows"]:
         assert math.isfinite(r["ms"]) and r["ms"] > 0
         assert math.isfinite(r["speedup_vs_dense"]) and r["speedup_vs_dense"] > 0
+        lo, hi = r["speedup_ci95"]  # (2 repeats: the range of the paired ratios)
+        assert 0 < lo <= hi
         if r["model"] == "dense":
-            assert r["speedup_vs_dense"] == 1.0
+            assert r["speedup_vs_dense"] == 1.0 and lo == hi == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 30, 101])
+def test_median_ci95_holds_the_median_and_covers_it_as_stated(n):
+    """The interval brackets the sample median and, for n >= 6, covers the true median of
+    a symmetric distribution in about 95% of samples (the order-statistics bound)."""
+    import random
+
+    from tdcompress.bench import median_ci95
+
+    rng = random.Random(n)
+    hits = 0
+    for _ in range(2000):
+        v = [rng.gauss(0.0, 1.0) for _ in range(n)]
+        lo, hi = median_ci95(v)
+        s = sorted(v)
+        med = s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+        assert lo <= med <= hi
+        hits += lo <= 0.0 <= hi
+    if n >= 6:
+        assert 0.93 <= hits / 2000 <= 0.995, hits / 2000
+    with pytest.raises(ValueError, match="at least one value"):
+        median_ci95([])
 
 
 def test_bench_without_choice_or_memory_and_bad_settings(tiny_run, capsys):

@@ -57,26 +57,46 @@ def test_groups_hold_the_documented_models(groups):
 
 def test_checks_follow_the_issue(bench):
     rows = [
-        ("dense", "onnxruntime", 8, 1.0),
-        ("a", "eager", 32, 0.97),  # slower: fails never_slower, ort check n/a
-        ("a", "onnxruntime", 8, 1.4),  # a cuts MACs 6x: below 1.5x fails
-        ("a", "onnxruntime", 1, 1.4),  # batch 1: n/a
-        ("b", "onnxruntime", 32, 1.2),  # b cuts MACs 3x: n/a
-        ("a", "onnxruntime", 32, 1.6),
+        ("dense", "onnxruntime", 8, 1.0, 1.0),
+        ("a", "eager", 32, 0.97, 0.975),  # slower beyond the noise: fails, ort check n/a
+        ("a", "eager", 8, 0.97, 1.01),  # fails, but the interval reaches 0.98: noise
+        ("a", "onnxruntime", 8, 1.4, 1.5),  # a cuts MACs 6x: below 1.5x fails
+        ("a", "onnxruntime", 1, 1.4, 1.5),  # batch 1: n/a
+        ("b", "onnxruntime", 32, 1.2, 1.3),  # b cuts MACs 3x: n/a
+        ("a", "onnxruntime", 32, 1.6, 1.7),
     ]
     doc = {
         "meta": {"reference": "dense"},
         "rows": [
-            {"model": m, "runtime": rt, "threads": 1, "batch": b, "speedup_vs_dense": s}
-            for m, rt, b, s in rows
+            {
+                "model": m,
+                "runtime": rt,
+                "threads": 1,
+                "batch": b,
+                "speedup_vs_dense": s,
+                "speedup_ci95": [s - 0.01, hi],
+            }
+            for m, rt, b, s, hi in rows
         ],
     }
     bench.add_checks(doc, {"a": 6.0, "b": 3.0})
-    got = [(r.get("never_slower"), r.get("ort_1.5x")) for r in doc["rows"]]
-    want = [(None, None), (False, None), (True, False), (True, None), (True, None), (True, True)]
+    got = [
+        (r.get("never_slower"), r.get("ort_1.5x"), r.get("slower_beyond_noise"))
+        for r in doc["rows"]
+    ]
+    want = [
+        (None, None, None),
+        (False, None, True),
+        (False, None, False),
+        (True, False, False),
+        (True, None, False),
+        (True, None, False),
+        (True, True, False),
+    ]
     assert got == want
     s = bench.summarize(doc)
-    assert (s["never_slower"]["pass"], s["never_slower"]["rows"]) == (4, 5)
+    assert (s["never_slower"]["pass"], s["never_slower"]["rows"]) == (4, 6)
+    assert s["never_slower"]["slower_beyond_noise"] == 1
     assert s["never_slower"]["worst"]["speedup_vs_dense"] == 0.97
     assert (s["ort_1.5x"]["pass"], s["ort_1.5x"]["rows"]) == (1, 2)
     assert s["ort_1.5x"]["worst"]["batch"] == 8
@@ -107,9 +127,13 @@ def test_quick_run_is_resumable_per_group(bench, tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     rows = [r for r in rec["bench"]["rows"] if r["model"] != "dense"]
     passed = sum(r["never_slower"] for r in rows)
+    beyond = sum(r["slower_beyond_noise"] for r in rows)
     assert len(table) == 3 and table[2].startswith(
-        f"| transformer | {passed}/{len(rows)} / - | - / - |"
+        f"| transformer | {passed}/{len(rows)} / - | - / - | - / - | {beyond}/{len(rows)} |"
     )
+    for r in rows:  # the interval holds the repeat-by-repeat ratios' median
+        lo, hi = r["speedup_ci95"]
+        assert 0 < lo <= hi
     (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="not a bench_deploy.py result"):
         bench.main(["--quick", "--out", str(tmp_path / "other.json")])

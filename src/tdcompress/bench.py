@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RUNTIMES", "WEIGHTS", "bench_models", "bench_run", "format_table"]
+__all__ = ["RUNTIMES", "WEIGHTS", "bench_models", "bench_run", "format_table", "median_ci95"]
 
 #: the runtimes ``tdcompress bench`` times
 RUNTIMES = ("eager", "compile", "onnxruntime")
@@ -151,8 +151,8 @@ def bench_models(
                 for b in batch_sizes:
                     keys = [k for k in fns if k[1:] == (rt, t, b)]
                     time.sleep(0.2 if t > 1 else 0.0)
-                    for _ in range(repeats):
-                        for k in keys:
+                    for i in range(repeats):  # (the order reversed every other repeat)
+                        for k in keys if i % 2 == 0 else keys[::-1]:
                             times[k].append(fns[k]())
         if memory:
             big = (max(batch_sizes), *shape)
@@ -173,7 +173,7 @@ def bench_models(
     rows = []
     for (label, rt, t, b), ts in times.items():
         med = statistics.median(ts)
-        ref_med = statistics.median(times[(ref, rt, t, b)])
+        ref_ts = times[(ref, rt, t, b)]
         rows.append(
             {
                 "model": label,
@@ -181,7 +181,10 @@ def bench_models(
                 "threads": t,
                 "batch": b,
                 "ms": 1000 * med,
-                "speedup_vs_" + ref: ref_med / med,
+                "speedup_vs_" + ref: statistics.median(ref_ts) / med,
+                # the repeat-by-repeat ratios (timed side by side): a 95% interval of their
+                # median, how far the speedup may be trusted on this machine now
+                "speedup_ci95": median_ci95([r / x for r, x in zip(ref_ts, ts)]),
             }
         )
     return {
@@ -200,6 +203,20 @@ def bench_models(
         "models": info,
         "rows": rows,
     }
+
+
+def median_ci95(values: Sequence[float]) -> list[float]:
+    """A distribution-free 95% confidence interval ``[low, high]`` of the median of
+    ``values`` (order statistics ``n/2 -+ 0.98 sqrt(n)``, the normal approximation of the
+    binomial; the whole range for fewer than 6 values)."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        raise ValueError("median_ci95 needs at least one value")
+    half = 0.98 * math.sqrt(n)
+    lo = max(0, math.floor(n / 2 - half))
+    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
+    return [v[lo], v[hi]] if n >= 6 else [v[0], v[-1]]
 
 
 @contextlib.contextmanager
