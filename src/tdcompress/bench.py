@@ -3,9 +3,11 @@
 For each runtime (PyTorch eager, ``torch.compile``, ONNX Runtime), thread count and batch
 size: forward latency (eval, no grad, fp32, CPU) of the dense model and of the compressed
 one, the medians of interleaved repeats (the models timed in turn within each runtime,
-batch size and thread count, so that load drifts hit them alike; ONNX Runtime's idle
+batch size and thread count, in alternating order, so that load drifts hit them alike;
+each sample several calls lasting at least :data:`SAMPLE_SECONDS`; ONNX Runtime's idle
 workers do not spin), and the ratio ``dense / compressed`` (above 1: the compressed model
-is faster). Beside them: parameters, planned MACs per sample, the ONNX file size, and the
+is faster) with a 95% interval of the repeat-by-repeat ratios (:func:`median_ci95`).
+Beside them: parameters, planned MACs per sample, the ONNX file size, and the
 peak resident memory of a fresh process that loads the model and runs one forward at the
 largest batch (eager and ONNX Runtime).
 
@@ -40,6 +42,10 @@ __all__ = ["RUNTIMES", "WEIGHTS", "bench_models", "bench_run", "format_table", "
 
 #: the runtimes ``tdcompress bench`` times
 RUNTIMES = ("eager", "compile", "onnxruntime")
+#: seconds one timed sample lasts at least (several calls of a fast forward), within
+#: MAX_CALLS calls; a sample's time is per call
+SAMPLE_SECONDS = 0.005
+MAX_CALLS = 64
 #: the run's compressed models bench_run times (file stem -> the stage that writes it)
 WEIGHTS = {"finetuned": "finetune", "decomposed": "decompose"}
 
@@ -259,7 +265,7 @@ def _forward(
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    calls = max(1, 8 // shape[0])  # several calls at small batches: a few ms per sample
+    calls = 1
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
@@ -302,6 +308,9 @@ def _forward(
         return (time.perf_counter() - t0) / calls
 
     run()  # warm-up: plans, allocator, the compile, the session's first run
+    # as many calls per sample as take SAMPLE_SECONDS (at most MAX_CALLS): a scheduler tick
+    # or a worker thread's late wake-up then weighs little against the sample
+    calls = max(1, min(MAX_CALLS, math.ceil(SAMPLE_SECONDS / max(run(), 1e-7))))
     run()
     return run
 
