@@ -964,18 +964,22 @@ def _frozen_forward(
     layer: FactorizedLayer, kernel: torch.Tensor, channels_last: bool
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The forward :func:`fold_kernels` gives a layer that runs some shape rebuilt: in
-    eager inference, the dense op on ``kernel`` for the shapes chosen rebuilt (every shape
-    if all are); otherwise (autograd, export, compile, shapes run factorized) the layer's
-    own forward."""
+    inference, the dense op on ``kernel`` for the shapes chosen rebuilt (every shape if
+    all are: then also under ``torch.compile``, whose guards on this path cost about two
+    thirds of those on the layer's own forward: ResNet-32 TT, 48 instead of 67 us per call,
+    dense 29); otherwise (autograd, export, compile with some shapes factorized, shapes run
+    factorized) the layer's own forward."""
     own = type(layer).forward.__get__(layer)
     bias, g, modes = layer.bias, layer.geometry, layer._execution
     every = all(v == "rebuilt" for v in modes.values())
 
     def rebuilt_here(x: torch.Tensor) -> bool:
-        if _is_grad_enabled() or _exporting() or _compiler_flag("is_dynamo_compiling"):
+        if _is_grad_enabled() or _exporting():
             return False
-        if every:
+        if every:  # (also under torch.compile: a graph of the dense op, with few guards)
             return True
+        if _compiler_flag("is_dynamo_compiling"):
+            return False
         if g.kind == "linear":
             key: tuple[Any, ...] = (math.prod(x.shape[:-1]) if x.dim() > 1 else 1,)
         else:
