@@ -258,7 +258,24 @@ def run(keys: list[str], data_root: str, sets: list[str], jobs: int = 1) -> None
 def collect_run(key: str) -> dict[str, Any]:
     label, method, paper = RUNS[key]
     cfg = run_config(key)
-    run = out_dir(cfg)
+    config = f"configs/cifar10/{key}.yaml"
+    return run_row(key, label, method, paper, cfg, out_dir(cfg), config, shares_admm(key))
+
+
+def run_row(
+    key: str,
+    label: str,
+    method: str,
+    paper: float | None,
+    cfg: Config,
+    run: Path,
+    config: str,
+    shared_admm: bool = False,
+) -> dict[str, Any]:
+    """The row of one run (``method``: dense, admm, dtf or scratch) from its folder ``run``
+    (a run folder or its keep folder): status, epochs per phase, top-1, parameters, ratio,
+    MACs, wall time and the per-epoch curve. ``shared_admm``: the folder's ADMM rows are
+    another run's (not counted in the wall time)."""
     state = (
         json.loads((run / "state.json").read_text())["done"]
         if (run / "state.json").exists()
@@ -278,13 +295,13 @@ def collect_run(key: str) -> dict[str, Any]:
         "model": cfg.model.name,
         "format": None if method == "dense" else cfg.compress.format,
         "target_ratio": None if method == "dense" else cfg.compress.target_ratio,
-        "config": f"configs/cifar10/{key}.yaml",
+        "config": config,
         "epochs": planned,
         "epochs_done": done_epochs,
         "paper_top1": paper,
         # (a run that took another's ADMM phase: its own epochs only, not the copied rows)
         "wall_seconds": sum(
-            r.get("seconds", 0.0) for r in recs if not (shares_admm(key) and r["phase"] == "admm")
+            r.get("seconds", 0.0) for r in recs if not (shared_admm and r["phase"] == "admm")
         ),
         "curve": [
             {
@@ -337,7 +354,8 @@ def _status(row: dict[str, Any]) -> str:
     if row["status"] == "done":
         return "done"
     ep, done = row["epochs"], row["epochs_done"]
-    return row["status"] + " (" + ", ".join(f"{k} {done[k]}/{ep[k]}" for k in ep) + ")"
+    phases = ", ".join(f"{k} {done[k]}/{ep[k]}" for k in ep if ep[k])
+    return row["status"] + " (" + phases + ")"
 
 
 def collect(recorded: dict[str, Any] | None = None) -> dict[str, Any]:
