@@ -859,7 +859,7 @@ def write_page(doc: dict[str, Any], camp: Campaign, page: Path, figure: Path) ->
         f"{TUNING_SEED} final is the winner's tuning run, evaluated on test).",
         f"- Runs: {n_runs['dense']} dense, {n_runs['tuning']} tuning, {n_runs['final']} final; "
         f"{doc['done_runs']} have results. Wall time (training epochs, summed over runs): "
-        + ", ".join(f"{ph} {s / 3600:.1f} h" for ph, s in doc["wall_hours"].items())
+        + ", ".join(f"{ph} {h:.1f} h" for ph, h in doc["wall_hours"].items())
         + "; 1 thread per run, 2 runs side by side.",
         "",
         "## The configurations tried",

@@ -276,6 +276,9 @@ def test_collect_builds_the_tables_and_paired_differences(tl, tmp_path):
     assert "| mnist-30x | 18 | ADMM -> TT | - | not run |" in text
     assert "| mnist-30x | ADMM -> TT | A1 | 95.00 | 50 | **chosen** |" in text
     assert "nowhere" in text
+    # wall time: 6 tuning runs of 50 s, in hours (it read 0.0 h when divided twice)
+    assert doc["wall_hours"]["tuning"] == pytest.approx(round(300 / 3600, 2))
+    assert "tuning 0.1 h" in text
 
 
 def test_a_cell_where_admm_beats_both_is_named(tl):
