@@ -482,3 +482,42 @@ def test_folded_choice_keeps_every_layer_rebuilt_unless_the_whole_model_gains(
     want = "rebuilt" if slow == "factorized" else "factorized"
     assert {r.mode for r in recs} == {want}
     assert set(rebuilt_layers(model)) == (set(FACTORIZED) if want == "rebuilt" else set())
+
+
+@pytest.mark.parametrize("slow", ["factorized", "rebuilt"])
+def test_compiled_choice_checks_the_whole_model_compiled(factorized_net, monkeypatch, slow):
+    """compiled=True: the whole-model check times folded, compiled copies of the model (the
+    choices against every layer rebuilt) and keeps the faster; each copy is compiled once
+    (warmed before timing); the model itself is left with the modes and not compiled."""
+    import time
+
+    compiled: list[nn.Module] = []
+    real = torch.compile
+
+    def fake_compile(model, **kwargs):  # (the eager backend: fast, the same graph breaks)
+        compiled.append(model)
+        return real(model, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = factorized_net().eval()
+    monkeypatch.setattr(_base, "_time_modes", lambda *a, **k: (1.0, 2.0))  # factorized wins
+    for m in model.modules():
+        if isinstance(m, FactorizedLayer):
+
+            def pre(mod, args):  # noqa: ANN001, ANN202
+                if _base.chosen_mode(mod, args[0]) == slow:
+                    time.sleep(0.002)
+
+            m.register_forward_pre_hook(pre)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want_out = model(x)
+    recs = choose_execution(model, [tuple(x.shape)], folded=True, repeats=3, compiled=True)
+    want = "rebuilt" if slow == "factorized" else "factorized"
+    assert {r.mode for r in recs} == {want}
+    assert len(compiled) == 2 and all(c is not model for c in compiled)
+    assert all(_base.FOLDED not in m._buffers for m in model.modules())  # model not folded
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want_out, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="compiled=True .* needs folded=True"):
+        choose_execution(model, [tuple(x.shape)], compiled=True)

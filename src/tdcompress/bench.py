@@ -13,7 +13,7 @@ largest batch (eager and ONNX Runtime).
 
 The compressed model first makes its per-layer execution choice
 (:func:`tdcompress.layers.choose_execution`, timing a rebuilt layer with its kernel computed
-once, ``folded=True``) and, for eager and compiled PyTorch, keeps the kernels of the layers
+once, ``folded=True``; for ``torch.compile`` the whole-model check runs compiled) and, for eager and compiled PyTorch, keeps the kernels of the layers
 that run rebuilt (:func:`tdcompress.layers.fold_kernels`), as ONNX Runtime folds them at
 load; the layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
 results: rerun on a quiet one (docs/performance.md).
@@ -124,8 +124,13 @@ def bench_models(
                     m = m.to(memory_format=torch.channels_last)
                 if choose:
                     torch.set_num_threads(threads[0])
-                    choose_execution(
-                        m, shapes, repeats=choice_repeats, folded=True, channels_last=nhwc
+                    choose_execution(  # (compile: the whole-model check compiled)
+                        m,
+                        shapes,
+                        repeats=choice_repeats,
+                        folded=True,
+                        channels_last=nhwc,
+                        compiled=rt == "compile",
                     )
                     if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
                         fold_kernels(m, channels_last=nhwc)

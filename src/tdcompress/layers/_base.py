@@ -1100,6 +1100,7 @@ def choose_execution(
     force: str | None = None,
     channels_last: bool = False,
     device: torch.device | str | None = None,
+    compiled: bool = False,
 ) -> list[ExecutionRecord]:
     """Measure, for every factorized layer of ``model`` and every input shape, whether its
     factorized contraction or the dense kernel rebuilt from its cores runs faster here, and
@@ -1120,7 +1121,11 @@ def choose_execution(
     before compiling or exporting. A :class:`~tdcompress.layers.FactorizedLSTM` whose wide
     input layer then runs factorized also gets its recurrence mode for the shape
     (:meth:`~tdcompress.layers.FactorizedLSTM.time_recurrence`: per step or PyTorch's fused
-    kernel, as exported graphs run it too). Returns one record per layer and key."""
+    kernel, as exported graphs run it too). ``compiled`` (with ``folded``): for a model that
+    will run under ``torch.compile``, whose kernels differ from eager's, the whole-model
+    check of each shape times the model compiled (``dynamic=False``, folded), the choices
+    against every layer rebuilt (two compiles per shape). Returns one record per layer and
+    key."""
     if force is not None and force not in EXECUTION_MODES:
         raise ValueError(f"force must be None or one of {list(EXECUTION_MODES)}, got {force!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -1129,6 +1134,11 @@ def choose_execution(
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin!r}")
+    if compiled and not folded:
+        raise ValueError(
+            "compiled=True checks the choice on the model as compiled after fold_kernels; "
+            "it needs folded=True"
+        )
     named = [(n, m) for n, m in model.named_modules() if _is_factorized(m)]
     if not named:
         return []
@@ -1178,7 +1188,9 @@ def choose_execution(
                     set_execution(layer, key, mode)
                     records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
                 if folded and force is None:
-                    _whole_model_check(model, x, records, start, done, repeats, channels_last)
+                    _whole_model_check(
+                        model, x, records, start, done, repeats, channels_last, compiled
+                    )
                 if force is None:  # (with the layers' modes for this shape settled)
                     records += _choose_recurrences(lstm_inputs, repeats, warmup)
     finally:
@@ -1232,13 +1244,16 @@ def _whole_model_check(
     done_keys: set[tuple[int, tuple[Any, ...]]],
     repeats: int,
     channels_last: bool = False,
+    compiled: bool = False,
 ) -> None:
     """With kept kernels every layer rebuilt runs as the dense model does; a layer timed
     alone can look faster factorized yet slow the model down (the layout or strides of its
     output, caches). So time the whole forward on ``x`` with the per-layer choices against
-    every layer rebuilt (interleaved medians; each as deployed after :func:`fold_kernels`)
-    and keep every layer rebuilt for this shape unless the choices are faster; the records
-    of this shape (``records[start:]``) follow."""
+    every layer rebuilt (interleaved medians; each as deployed after :func:`fold_kernels`;
+    ``compiled``: each a folded copy of the model under ``torch.compile``) and keep every
+    layer rebuilt for this shape unless the choices are faster; the records of this shape
+    (``records[start:]``) follow."""
+    import copy
     import time
 
     layers = {id(m): m for m in model.modules() if _is_factorized(m)}
@@ -1249,9 +1264,25 @@ def _whole_model_check(
 
     folded_before = [m for m in layers.values() if FOLDED in m._buffers]
 
-    def run(all_rebuilt: bool) -> float:
+    def set_modes(all_rebuilt: bool) -> None:
         for m, key in pairs:
             set_execution(m, key, "rebuilt" if all_rebuilt else chosen[(id(m), key)])
+
+    if compiled:  # (a folded, compiled copy per setting; compiled and warmed before timing)
+        graphs = {}
+        for flag in (True, False):
+            set_modes(flag)
+            twin = copy.deepcopy(model)
+            fold_kernels(twin, channels_last)
+            graphs[flag] = torch.compile(twin, dynamic=False)
+            graphs[flag](x)
+
+    def run(all_rebuilt: bool) -> float:
+        if compiled:
+            t0 = time.perf_counter()
+            graphs[all_rebuilt](x)
+            return time.perf_counter() - t0
+        set_modes(all_rebuilt)
         fold_kernels(model, channels_last)
         try:
             t0 = time.perf_counter()
@@ -1267,8 +1298,7 @@ def _whole_model_check(
             if k >= 3:
                 times[flag].append(t)
     rebuilt_all = _median(times[True]) <= _median(times[False])
-    for m, key in pairs:
-        set_execution(m, key, "rebuilt" if rebuilt_all else chosen[(id(m), key)])
+    set_modes(rebuilt_all)
     if folded_before:  # (the model was folded before: it stays so, with the new choices)
         fold_kernels(model, channels_last)
     if rebuilt_all:
