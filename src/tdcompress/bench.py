@@ -13,7 +13,8 @@ largest batch (eager and ONNX Runtime).
 
 The compressed model first makes its per-layer execution choice
 (:func:`tdcompress.layers.choose_execution`, timing a rebuilt layer with its kernel computed
-once, ``folded=True``; for ``torch.compile`` the whole-model check runs compiled) and, for eager and compiled PyTorch, keeps the kernels of the layers
+once, ``folded=True``; for ``torch.compile`` the whole-model check runs compiled) and,
+for eager and compiled PyTorch, keeps the kernels of the layers
 that run rebuilt (:func:`tdcompress.layers.fold_kernels`), as ONNX Runtime folds them at
 load; the layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
 results: rerun on a quiet one (docs/performance.md).
