@@ -345,7 +345,8 @@ def test_eager_inference_with_dropout_in_training_mode_matches_nn_lstm() -> None
 
 def test_compiled_inference_with_folded_input_kernel_runs_pytorch_lstm() -> None:
     """Under torch.compile without autograd, a rebuilt input layer with a folded kernel
-    (fold_kernels) runs PyTorch's LSTM kernel in the graph: one graph, eager's result."""
+    (fold_kernels) runs PyTorch's LSTM kernel (outside the graph, as nn.LSTM does):
+    nn.LSTM's result."""
     from tdcompress.layers import fold_kernels
 
     torch.manual_seed(5)
@@ -354,7 +355,7 @@ def test_compiled_inference_with_folded_input_kernel_runs_pytorch_lstm() -> None
     assert fold_kernels(f) == ["input_layers.0"]
     x = torch.randn(5, 3, 6, dtype=D)
     torch._dynamo.reset()
-    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    compiled = torch.compile(f, backend="eager")
     with torch.no_grad():
         got, want = compiled(x), ref(x)
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
@@ -471,3 +472,40 @@ def test_export_runs_onnx_lstm_operator_and_keeps_the_cores(tmp_path, case) -> N
     assert res.file_bytes < recurrent + dense_ih / 4, (res.file_bytes, dense_ih)
     if wide:  # and the 128 x 128 identity is not stored either
         assert res.file_bytes < recurrent + 128 * 128 * 4 / 4
+
+
+def test_compiled_inference_runs_the_fused_kernel_outside_the_graph() -> None:
+    """Under torch.compile without autograd, a FactorizedLSTM that runs PyTorch's fused
+    kernel is left out of the graph (a graph break, as dynamo does with nn.LSTM), with
+    eager's result; one whose wide input layer runs per step is traced (no break)."""
+    import torch._dynamo
+
+    class Net(nn.Module):  # (ops before and after the LSTM: a break splits the graph)
+        def __init__(self, lstm: nn.Module) -> None:
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(2 * x)[0].sum(-1)
+
+    torch.manual_seed(8)
+    dense = Net(FactorizedLSTM(20, 4, batch_first=True)).eval()
+    wide = Net(_wide_lstm()[0].float()).eval()  # low-rank first layer, per step by default
+    x = torch.randn(3, 5, 20)
+    from tdcompress.layers import warm_plans
+
+    warm_plans(wide, [tuple(x.shape)])  # (a plan made while tracing is a graph break)
+    for f, breaks in ((dense, 1), (wide, 0)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = f(x)
+            info = torch._dynamo.explain(f)(x)
+            got = torch.compile(f, backend="eager")(x)
+        assert info.graph_break_count == breaks, [str(b.reason)[:80] for b in info.break_reasons]
+        ops = [str(n.target) for gm in info.graphs for n in gm.graph.nodes if n.op != "placeholder"]
+        assert not any("lstm" in o.lower() for o in ops), ops  # (no fused kernel in a graph)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():  # training: traced (the per-step loop), no break
+        torch._dynamo.reset()
+        info = torch._dynamo.explain(dense)(x)
+    assert info.graph_break_count == 0
