@@ -112,3 +112,32 @@ def test_export_with_the_execution_choice_keeps_the_compressed_file(tiny_run, ca
     chosen, plain = (run / "chosen.onnx").stat().st_size, (run / "plain.onnx").stat().st_size
     assert chosen < (run / "dense.onnx").stat().st_size
     assert abs(chosen - plain) < 0.25 * plain  # whatever ran rebuilt: the cores, not kernels
+
+
+def test_bench_models_chooses_at_each_thread_count(factorized_net):
+    """One prepared model per runtime and thread count: the execution choice is made (and
+    reported) at each thread count the model is timed at."""
+    import torch
+
+    from tdcompress.bench import bench_models
+
+    n = torch.get_num_threads()
+    try:
+        doc = bench_models(
+            {"dense": factorized_net(), "compressed": factorized_net()},
+            (1, 3, 16, 16),
+            batch_sizes=(1,),
+            threads=(1, 2),
+            runtimes=("eager",),
+            repeats=2,
+            choice_repeats=1,
+            memory=False,
+        )
+    finally:
+        torch.set_num_threads(n)
+    rec = doc["models"]["compressed"]
+    assert set(rec["rebuilt_layers_by_threads"]) == {"1", "2"}
+    assert rec["rebuilt_layers"] == rec["rebuilt_layers_by_threads"]["1"]
+    assert {(r["model"], r["threads"]) for r in doc["rows"]} == {
+        (m, t) for m in ("dense", "compressed") for t in (1, 2)
+    }

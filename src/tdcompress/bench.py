@@ -11,7 +11,7 @@ Beside them: parameters, planned MACs per sample, the ONNX file size, and the
 peak resident memory of a fresh process that loads the model and runs one forward at the
 largest batch (eager and ONNX Runtime).
 
-The compressed model first makes its per-layer execution choice
+The compressed model first makes its per-layer execution choice at each thread count
 (:func:`tdcompress.layers.choose_execution`, timing a rebuilt layer with its kernel computed
 once, ``folded=True``; for ``torch.compile`` the whole-model check runs compiled) and,
 for eager and compiled PyTorch, keeps the kernels of the layers
@@ -110,35 +110,42 @@ def bench_models(
     limits = _compile_limits() if "compile" in runtimes else contextlib.nullcontext()
     try:
         limits.__enter__()
-        prepared: dict[tuple[str, str], nn.Module] = {}
+        # one model per runtime and thread count: the execution choice is made at the thread
+        # count it runs at (a factorized contraction may win at 1 thread and lose at 2)
+        prepared: dict[tuple[str, str, int], nn.Module] = {}
         for label, model in models.items():
             model = copy.deepcopy(model).cpu().float().eval()
             rec: dict[str, Any] = {
                 "params": sum(p.numel() for p in model.parameters()),
                 "macs_per_sample": None if macs is None else macs.get(label),
-                "rebuilt_layers": {},
+                "rebuilt_layers": {},  # (at threads[0]; by thread count below)
+                "rebuilt_layers_by_threads": {},
             }
-            for rt in runtimes:
-                m = copy.deepcopy(model)
-                nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
-                if nhwc:
-                    m = m.to(memory_format=torch.channels_last)
-                if choose:
-                    torch.set_num_threads(threads[0])
-                    choose_execution(  # (compile: the whole-model check compiled)
-                        m,
-                        shapes,
-                        repeats=choice_repeats,
-                        folded=True,
-                        channels_last=nhwc,
-                        compiled=rt == "compile",
-                    )
-                    if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
-                        fold_kernels(m, channels_last=nhwc)
-                    rec["rebuilt_layers"][rt] = rebuilt_layers(m)
-                prepared[(label, rt)] = m
+            for t in threads:
+                torch.set_num_threads(t)
+                for rt in runtimes:
+                    m = copy.deepcopy(model)
+                    nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
+                    if nhwc:
+                        m = m.to(memory_format=torch.channels_last)
+                    if choose:
+                        choose_execution(  # (compile: the whole-model check compiled)
+                            m,
+                            shapes,
+                            repeats=choice_repeats,
+                            folded=True,
+                            channels_last=nhwc,
+                            compiled=rt == "compile",
+                        )
+                        if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
+                            fold_kernels(m, channels_last=nhwc)
+                        names = rebuilt_layers(m)
+                        rec["rebuilt_layers_by_threads"].setdefault(str(t), {})[rt] = names
+                        if t == threads[0]:
+                            rec["rebuilt_layers"][rt] = names
+                    prepared[(label, rt, t)] = m
             if "onnxruntime" in runtimes:
-                m = prepared[(label, "onnxruntime")]
+                m = prepared[(label, "onnxruntime", threads[0])]
                 x1 = torch.randn(1, *shape)
                 res = export_model(m, x1, tmp / f"{label}-b1.onnx")
                 rec["onnx_bytes"] = res.file_bytes
@@ -146,11 +153,13 @@ def bench_models(
         built: dict[tuple[Any, ...], Any] = {}  # compiled modules and ONNX files, reused
         for t in threads:
             torch.set_num_threads(t)
-            for (label, rt), m in prepared.items():
+            for (label, rt, tm), m in prepared.items():
+                if tm != t:
+                    continue
                 for b in batch_sizes:
                     nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
                     fns[(label, rt, t, b)] = _forward(
-                        m, rt, (b, *shape), t, tmp / label, nhwc, built
+                        m, rt, (b, *shape), t, tmp / label / f"t{t}", nhwc, built
                     )
         del built
         times: dict[tuple[str, str, int, int], list[float]] = {k: [] for k in fns}
@@ -173,7 +182,11 @@ def bench_models(
                 for rt in ("eager", "onnxruntime"):
                     if rt in runtimes:
                         info[label]["peak_rss_mib"][rt] = _peak_rss(
-                            prepared[(label, rt)], rt, big, threads[0], tmp / f"mem-{label}"
+                            prepared[(label, rt, threads[0])],
+                            rt,
+                            big,
+                            threads[0],
+                            tmp / f"mem-{label}",
                         )
     finally:
         limits.__exit__(None, None, None)
