@@ -239,6 +239,42 @@ def test_densify_turns_a_factorized_lstm_into_an_nn_lstm():
     torch.testing.assert_close(lstm(seq)[0], f(seq)[0], rtol=1e-12, atol=1e-12)
 
 
+def test_densify_some_layers_those_that_run_rebuilt_everywhere():
+    """densify(layers=...) turns only the named modules into PyTorch's layers: with
+    rebuilt_everywhere, the layers whose every execution choice is rebuilt and the LSTMs
+    whose input layers all are (a layer rebuilt for one shape only, or factorized, stays);
+    the function is unchanged; unknown names and a bare string are refused."""
+    from tdcompress.layers import ANY_SHAPE, rebuilt_everywhere, set_execution
+
+    model, _ = compressed_cnn()
+    model = model.double()
+    names = list(FORMATS)
+    set_execution(model.get_submodule(names[0]), ANY_SHAPE, "rebuilt")
+    set_execution(model.get_submodule(names[1]), (4,), "rebuilt")
+    set_execution(model.get_submodule(names[1]), (8,), "factorized")
+    assert rebuilt_everywhere(model) == [names[0]]
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64)
+    part = tdc.densify(model, layers=rebuilt_everywhere(model))
+    assert type(part.get_submodule(names[0])) in (nn.Linear, nn.Conv2d)
+    assert all(isinstance(part.get_submodule(n), FactorizedLayer) for n in names[1:])
+    torch.testing.assert_close(part(x), model(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"layers names \['nope'\], which are not"):
+        tdc.densify(model, layers=["nope"])
+    with pytest.raises(TypeError, match="layers must be a collection of module names"):
+        tdc.densify(model, layers=names[0])
+    # an LSTM: listed whole once its input layers all run dense, never its input layers
+    seq = _lstm_model().double()
+    assert rebuilt_everywhere(seq) == []
+    set_execution(seq.lstm.input_layers[0], ANY_SHAPE, "rebuilt")
+    assert rebuilt_everywhere(seq) == ["lstm"]
+    y = torch.randn(3, 5, 12, dtype=torch.float64)
+    dense = tdc.densify(seq, layers=["lstm"])
+    assert type(dense.lstm) is nn.LSTM
+    torch.testing.assert_close(dense(y), seq(y), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="not factorized layers or LSTMs"):
+        tdc.densify(seq, layers=["lstm.input_layers.0"])
+
+
 def test_compress_in_place_equals_decompose_and_takes_a_filter():
     ref = dense_cnn()
     p = cnn_plan(ref)

@@ -14,8 +14,10 @@ largest batch (eager and ONNX Runtime).
 The compressed model first makes its per-layer execution choice at each thread count
 (:func:`tdcompress.layers.choose_execution`, timing a rebuilt layer with its kernel computed
 once, ``folded=True``; for ``torch.compile`` the whole-model check runs compiled) and,
-for eager and compiled PyTorch, keeps the kernels of the layers
-that run rebuilt (:func:`tdcompress.layers.fold_kernels`), as ONNX Runtime folds them at
+for eager and compiled PyTorch, is deployed as a user would: the layers (and LSTMs) that run
+rebuilt for every shape become PyTorch's own layers (:func:`tdcompress.densify` with
+:func:`tdcompress.layers.rebuilt_everywhere`), the kernels of layers rebuilt for some shapes
+only are kept (:func:`tdcompress.layers.fold_kernels`), as ONNX Runtime folds them at
 load; the layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
 results: rerun on a quiet one (docs/performance.md).
 """
@@ -99,7 +101,13 @@ def bench_models(
     runtimes = list(dict.fromkeys(runtimes))
     _check_args(batch_sizes, threads, runtimes, repeats)
     from tdcompress.export import export_model
-    from tdcompress.layers import choose_execution, fold_kernels, rebuilt_layers
+    from tdcompress.layers import (
+        choose_execution,
+        fold_kernels,
+        rebuilt_everywhere,
+        rebuilt_layers,
+    )
+    from tdcompress.surgery import densify
 
     shape = tuple(int(v) for v in input_shape[1:])
     shapes = [(b, *shape) for b in batch_sizes]
@@ -137,9 +145,16 @@ def bench_models(
                             channels_last=nhwc,
                             compiled=rt == "compile",
                         )
-                        if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
-                            fold_kernels(m, channels_last=nhwc)
                         names = rebuilt_layers(m)
+                        if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
+                            # PyTorch's own layers for what runs dense for every shape,
+                            # kept kernels for layers rebuilt for some shapes only
+                            dense = rebuilt_everywhere(m)
+                            m = densify(m, inplace=True, layers=dense)
+                            fold_kernels(m, channels_last=nhwc)
+                            rec.setdefault("densified_layers_by_threads", {}).setdefault(
+                                str(t), {}
+                            )[rt] = dense
                         rec["rebuilt_layers_by_threads"].setdefault(str(t), {})[rt] = names
                         if t == threads[0]:
                             rec["rebuilt_layers"][rt] = names

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,26 +188,40 @@ def compress_(
 
 
 @torch.no_grad()
-def densify(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def densify(
+    model: nn.Module, *, inplace: bool = False, layers: Collection[str] | None = None
+) -> nn.Module:
     """``model`` with every factorized layer turned back into a plain ``nn.Linear`` /
     ``nn.Conv2d`` (weight ``to_dense()``, bias, stride, padding and dilation kept) and every
     ``FactorizedLSTM`` into an ``nn.LSTM``: the same function (up to rounding), for tools
     that only know PyTorch's layers. A copy unless ``inplace`` (a model that is itself a
-    factorized layer is always returned as a new module)."""
+    factorized layer is always returned as a new module). ``layers``: only these
+    (module names of factorized layers or LSTMs; e.g. those that run rebuilt for every
+    input shape, :func:`tdcompress.layers.rebuilt_everywhere`), the others kept."""
     from tdcompress.layers._base import FactorizedLayer
     from tdcompress.layers.lstm import FactorizedLSTM
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a collection of module names, got the str {layers!r}")
     if isinstance(model, (FactorizedLayer, FactorizedLSTM)):
         return _dense_module(model, "model")
-    out = model if inplace else copy.deepcopy(model)
     found = [
         name
-        for name, m in out.named_modules()
+        for name, m in model.named_modules()
         if isinstance(m, (FactorizedLayer, FactorizedLSTM))
-        and not _inside_lstm(out, name)  # (an LSTM's input layers go with it)
+        and not _inside_lstm(model, name)  # (an LSTM's input layers go with it)
     ]
+    if layers is not None:
+        unknown = sorted(set(layers) - set(found))
+        if unknown:
+            raise ValueError(
+                f"layers names {unknown}, which are not factorized layers or LSTMs of the "
+                f"model (outside an LSTM); allowed: {found}"
+            )
+        found = [n for n in found if n in set(layers)]
+    out = model if inplace else copy.deepcopy(model)
     for name in found:
         parent, attr = _parent(out, name)
         setattr(parent, attr, _dense_module(out.get_submodule(name), name))

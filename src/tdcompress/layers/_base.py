@@ -1047,6 +1047,33 @@ def execution_modes(model: nn.Module) -> dict[str, dict[tuple[Any, ...], str]]:
     return {name: dict(m._execution) for name, m in model.named_modules() if _is_factorized(m)}
 
 
+def rebuilt_everywhere(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that run only as dense ops: factorized layers
+    whose every execution choice is ``"rebuilt"``, and ``FactorizedLSTM``s whose input
+    layers are all plain ``nn.Linear`` or such layers (what :func:`tdcompress.densify` may
+    turn into PyTorch's layers for inference without changing what runs; a deployment in
+    PyTorch then runs them as the dense model does, without the factorized layer's
+    per-call checks and ``torch.compile`` guards)."""
+
+    def dense_only(m: nn.Module) -> bool:
+        if type(m) is nn.Linear:
+            return True
+        modes = getattr(m, "_execution", None) if _is_factorized(m) else None
+        return bool(modes) and all(v == "rebuilt" for v in modes.values())
+
+    out, lstms = [], []
+    for name, m in model.named_modules():
+        layers = getattr(m, "input_layers", None)
+        if hasattr(m, "time_recurrence") and layers is not None:  # (FactorizedLSTM)
+            lstms.append(name)
+            if all(dense_only(x) for x in layers):
+                out.append(name)
+        elif _is_factorized(m) and dense_only(m):
+            if not any(n == "" or name.startswith(f"{n}.") for n in lstms):  # (the LSTM's)
+                out.append(name)
+    return out
+
+
 def rebuilt_layers(model: nn.Module) -> list[str]:
     """Names of the factorized layers of ``model`` that run some input shape rebuilt."""
     return [n for n, modes in execution_modes(model).items() if "rebuilt" in modes.values()]
