@@ -486,9 +486,10 @@ def test_folded_choice_keeps_every_layer_rebuilt_unless_the_whole_model_gains(
 
 @pytest.mark.parametrize("slow", ["factorized", "rebuilt"])
 def test_compiled_choice_checks_the_whole_model_compiled(factorized_net, monkeypatch, slow):
-    """compiled=True: the whole-model check times folded, compiled copies of the model (the
-    choices against every layer rebuilt) and keeps the faster; each copy is compiled once
-    (warmed before timing); the model itself is left with the modes and not compiled."""
+    """compiled=True: the whole-model check times compiled copies of the model, each as it
+    would be deployed (every layer as PyTorch's own layer, against the per-layer choices)
+    and keeps the faster; each copy is compiled once (warmed before timing); the model
+    itself is left with the modes, not compiled, not folded."""
     import time
 
     compiled: list[nn.Module] = []
@@ -498,17 +499,28 @@ def test_compiled_choice_checks_the_whole_model_compiled(factorized_net, monkeyp
         compiled.append(model)
         return real(model, backend="eager", **kwargs)
 
+    def sleep(mod, args):  # noqa: ANN001, ANN202
+        time.sleep(0.002)
+
     monkeypatch.setattr(torch, "compile", fake_compile)
+    real_dense = _base._with_dense_modules
+
+    def dense_modules(model, channels_last=False):  # noqa: ANN001, ANN202
+        out = real_dense(model, channels_last)
+        if slow == "rebuilt":  # PyTorch's layers made slow
+            for m in out.modules():
+                if type(m) in (nn.Conv2d, nn.Linear) and not hasattr(m, "_tdc_slow"):
+                    m._tdc_slow = True
+                    m.register_forward_pre_hook(sleep)
+        return out
+
+    monkeypatch.setattr(_base, "_with_dense_modules", dense_modules)
     model = factorized_net().eval()
     monkeypatch.setattr(_base, "_time_modes", lambda *a, **k: (1.0, 2.0))  # factorized wins
-    for m in model.modules():
-        if isinstance(m, FactorizedLayer):
-
-            def pre(mod, args):  # noqa: ANN001, ANN202
-                if _base.chosen_mode(mod, args[0]) == slow:
-                    time.sleep(0.002)
-
-            m.register_forward_pre_hook(pre)
+    if slow == "factorized":
+        for m in model.modules():
+            if isinstance(m, FactorizedLayer):
+                m.register_forward_pre_hook(sleep)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         want_out = model(x)
@@ -516,7 +528,11 @@ def test_compiled_choice_checks_the_whole_model_compiled(factorized_net, monkeyp
     want = "rebuilt" if slow == "factorized" else "factorized"
     assert {r.mode for r in recs} == {want}
     assert len(compiled) == 2 and all(c is not model for c in compiled)
+    # one copy runs PyTorch's layers only, the other the choices (factorized here)
+    kinds = sorted(sum(isinstance(m, FactorizedLayer) for m in c.modules()) for c in compiled)
+    assert kinds == [0, len(FACTORIZED)]
     assert all(_base.FOLDED not in m._buffers for m in model.modules())  # model not folded
+    assert all(isinstance(model.get_submodule(n), FactorizedLayer) for n in FACTORIZED)
     with torch.no_grad():
         torch.testing.assert_close(model(x), want_out, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="compiled=True .* needs folded=True"):

@@ -239,80 +239,10 @@ def _inside_lstm(model: nn.Module, name: str) -> bool:
 
 
 def _dense_module(m: nn.Module, name: str) -> nn.Module:
-    from tdcompress.layers.lstm import FactorizedLSTM
-
-    out = _dense_lstm(m, name) if isinstance(m, FactorizedLSTM) else _dense_layer(m)
-    out.train(m.training)
-    return out
-
-
-def _dense_layer(layer: nn.Module) -> nn.Module:
-    from torch.nn.utils import skip_init
-
-    g = layer.geometry
-    w = layer.to_dense().detach()
-    kw: dict[str, Any] = {"device": w.device, "dtype": w.dtype, "bias": g.bias}
-    if g.kind == "linear":
-        dense = skip_init(nn.Linear, g.in_features, g.out_features, **kw)
-    else:
-        dense = skip_init(
-            nn.Conv2d,
-            g.in_features,
-            g.out_features,
-            g.kernel_size,
-            stride=g.stride,
-            padding=g.padding,
-            dilation=g.dilation,
-            groups=g.groups,
-            **kw,
-        )
-    dense.weight.copy_(w)
-    if g.bias:
-        dense.bias.copy_(layer.bias)
-    return dense
-
-
-def _dense_lstm(f: nn.Module, name: str) -> nn.LSTM:
-    from tdcompress.layers._base import FactorizedLayer
-
-    ref = f.weight_hh_l0
-    in_bias = [getattr(m, "bias", None) for m in f.input_layers]
-    # an input layer's own bias adds to bias_ih: an LSTM without biases then gets zero ones
-    biased = f.bias or any(isinstance(b, torch.Tensor) for b in in_bias)
-    with torch.device("meta"):  # (uninitialised: every weight is copied below)
-        lstm = nn.LSTM(
-            f.input_size,
-            f.hidden_size,
-            f.num_layers,
-            bias=biased,
-            batch_first=f.batch_first,
-            dropout=f.dropout,
-            dtype=ref.dtype,
-        )
-    lstm = lstm.to_empty(device=ref.device)
-    for k, m in enumerate(f.input_layers):
-        if isinstance(m, FactorizedLayer):
-            w = m.to_dense()
-        elif type(m) is nn.Linear:
-            w = m.weight
-        else:
-            raise TypeError(
-                f"{name}.input_layers.{k} is a {type(m).__name__}; densify turns factorized "
-                "layers and nn.Linear input layers into an nn.LSTM, not other modules"
-            )
-        getattr(lstm, f"weight_ih_l{k}").copy_(w)
-        getattr(lstm, f"weight_hh_l{k}").copy_(getattr(f, f"weight_hh_l{k}"))
-        if biased:
-            b_ih, b_hh = getattr(f, f"bias_ih_l{k}"), getattr(f, f"bias_hh_l{k}")
-            b_ih = torch.zeros_like(ref[:, 0]) if b_ih is None else b_ih
-            if isinstance(in_bias[k], torch.Tensor):
-                b_ih = b_ih + in_bias[k]
-            getattr(lstm, f"bias_ih_l{k}").copy_(b_ih)
-            if b_hh is None:
-                getattr(lstm, f"bias_hh_l{k}").zero_()
-            else:
-                getattr(lstm, f"bias_hh_l{k}").copy_(b_hh)
-    return lstm
+    try:
+        return m.dense_module()  # type: ignore[operator]
+    except TypeError as e:  # (an LSTM input layer of another kind: name the module)
+        raise TypeError(f"densify: {name}: {e}") from None
 
 
 def _rel_err(w: torch.Tensor, approx: torch.Tensor) -> float:

@@ -553,6 +553,33 @@ class FactorizedLayer(nn.Module):
         """The full weight, with the dense layer's weight shape (differentiable)."""
         return self.structure.reconstruct(list(self.cores))
 
+    def dense_module(self) -> nn.Module:
+        """The PyTorch layer computing this layer's function: an ``nn.Linear`` or
+        ``nn.Conv2d`` with weight ``to_dense()`` and this layer's bias, stride, padding,
+        dilation and groups (a new module, in this layer's training mode)."""
+        g = self.geometry
+        with torch.no_grad():
+            w = self.to_dense().detach()
+            kw: dict[str, Any] = {"device": w.device, "dtype": w.dtype, "bias": g.bias}
+            if g.kind == "linear":
+                dense = nn.utils.skip_init(nn.Linear, g.in_features, g.out_features, **kw)
+            else:
+                dense = nn.utils.skip_init(
+                    nn.Conv2d,
+                    g.in_features,
+                    g.out_features,
+                    g.kernel_size,
+                    stride=g.stride,
+                    padding=g.padding,
+                    dilation=g.dilation,
+                    groups=g.groups,
+                    **kw,
+                )
+            dense.weight.copy_(w)
+            if g.bias:
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
+
     @property
     def weight(self) -> torch.Tensor:
         """A stand-in for the dense weight (:class:`FactorizedWeight`): its shape, dtype and
@@ -1295,11 +1322,18 @@ def _whole_model_check(
         for m, key in pairs:
             set_execution(m, key, "rebuilt" if all_rebuilt else chosen[(id(m), key)])
 
-    if compiled:  # (a folded, compiled copy per setting; compiled and warmed before timing)
+    if compiled:  # (a compiled copy per setting, each deployed as in PyTorch: the modules
+        # that run only dense ops as PyTorch's own layers (every layer, for all rebuilt),
+        # the other rebuilt kernels folded; compiled and warmed before timing)
         graphs = {}
+        names = {id(m): n for n, m in model.named_modules()}
         for flag in (True, False):
             set_modes(flag)
             twin = copy.deepcopy(model)
+            for m, key in pairs:  # (this shape's modes only: deployed as if alone)
+                layer = twin.get_submodule(names[id(m)])
+                layer._execution = {key: m._execution[key]}
+            twin = _with_dense_modules(twin, channels_last)
             fold_kernels(twin, channels_last)
             graphs[flag] = torch.compile(twin, dynamic=False)
             graphs[flag](x)
@@ -1331,6 +1365,21 @@ def _whole_model_check(
     if rebuilt_all:
         for i in range(start, len(records)):
             records[i] = dataclasses.replace(records[i], mode="rebuilt")
+
+
+def _with_dense_modules(model: nn.Module, channels_last: bool = False) -> nn.Module:
+    """``model`` (changed in place) with the modules of :func:`rebuilt_everywhere` replaced by
+    their ``dense_module()`` (PyTorch's own layers; convolutions in channels_last if
+    ``channels_last``)."""
+    for name in rebuilt_everywhere(model):
+        dense = model.get_submodule(name).dense_module()  # type: ignore[operator]
+        if channels_last:
+            dense = dense.to(memory_format=torch.channels_last)
+        if not name:  # (the model itself)
+            return dense
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, dense)
+    return model
 
 
 def _grab(name: str, sink: list) -> Callable[..., None]:

@@ -306,6 +306,52 @@ class FactorizedLSTM(nn.Module):
         out.train(lstm.training)
         return out
 
+    def dense_module(self) -> nn.LSTM:
+        """The ``nn.LSTM`` computing this LSTM's function: every input layer's dense matrix
+        (``to_dense()`` of a factorized layer, an ``nn.Linear``'s weight) as
+        ``weight_ih_l{k}``, an input layer's own bias added to ``bias_ih_l{k}`` (an LSTM
+        without biases then gets zero ones); a new module, in this LSTM's training mode. A
+        TypeError for input layers of other kinds."""
+        ref = self.weight_hh_l0
+        in_bias = [getattr(m, "bias", None) for m in self.input_layers]
+        biased = self.bias or any(isinstance(b, torch.Tensor) for b in in_bias)
+        with torch.device("meta"):  # (uninitialised: every weight is copied below)
+            lstm = nn.LSTM(
+                self.input_size,
+                self.hidden_size,
+                self.num_layers,
+                bias=biased,
+                batch_first=self.batch_first,
+                dropout=self.dropout,
+                dtype=ref.dtype,
+            )
+        lstm = lstm.to_empty(device=ref.device)
+        with torch.no_grad():
+            for k, m in enumerate(self.input_layers):
+                if isinstance(m, FactorizedLayer):
+                    w = m.to_dense()
+                elif type(m) is nn.Linear:
+                    w = m.weight
+                else:
+                    raise TypeError(
+                        f"{type(self).__name__}: input_layers[{k}] is a {type(m).__name__}; "
+                        "only factorized layers and nn.Linear input layers have a dense "
+                        "nn.LSTM equivalent"
+                    )
+                getattr(lstm, f"weight_ih_l{k}").copy_(w)
+                getattr(lstm, f"weight_hh_l{k}").copy_(getattr(self, f"weight_hh_l{k}"))
+                if biased:
+                    b_ih, b_hh = getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}")
+                    b_ih = torch.zeros_like(ref[:, 0]) if b_ih is None else b_ih
+                    if isinstance(in_bias[k], torch.Tensor):
+                        b_ih = b_ih + in_bias[k]
+                    getattr(lstm, f"bias_ih_l{k}").copy_(b_ih)
+                    if b_hh is None:
+                        getattr(lstm, f"bias_hh_l{k}").zero_()
+                    else:
+                        getattr(lstm, f"bias_hh_l{k}").copy_(b_hh)
+        return lstm.train(self.training)
+
     def _config(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,
