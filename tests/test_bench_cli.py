@@ -115,8 +115,8 @@ def test_export_with_the_execution_choice_keeps_the_compressed_file(tiny_run, ca
 
 
 def test_bench_models_chooses_at_each_thread_count(factorized_net):
-    """One prepared model per runtime and thread count: the execution choice is made (and
-    reported) at each thread count the model is timed at."""
+    """One prepared model per runtime, thread count and batch size: the execution choice is
+    made (and reported) for each case the model is timed in."""
     import torch
 
     from tdcompress.bench import bench_models
@@ -136,8 +136,11 @@ def test_bench_models_chooses_at_each_thread_count(factorized_net):
     finally:
         torch.set_num_threads(n)
     rec = doc["models"]["compressed"]
-    assert set(rec["rebuilt_layers_by_threads"]) == {"1", "2"}
-    assert rec["rebuilt_layers"] == rec["rebuilt_layers_by_threads"]["1"]
+    assert set(rec["rebuilt_layers_by_case"]) == {"1 threads, batch 1", "2 threads, batch 1"}
+    assert rec["rebuilt_layers"] == rec["rebuilt_layers_by_case"]["1 threads, batch 1"]
+    # eager: what runs rebuilt is deployed as PyTorch's own layers
+    for case, by_rt in rec["densified_layers_by_case"].items():
+        assert by_rt["eager"] == rec["rebuilt_layers_by_case"][case]["eager"]
     assert {(r["model"], r["threads"]) for r in doc["rows"]} == {
         (m, t) for m in ("dense", "compressed") for t in (1, 2)
     }

@@ -11,14 +11,14 @@ Beside them: parameters, planned MACs per sample, the ONNX file size, and the
 peak resident memory of a fresh process that loads the model and runs one forward at the
 largest batch (eager and ONNX Runtime).
 
-The compressed model first makes its per-layer execution choice at each thread count
-(:func:`tdcompress.layers.choose_execution`, timing a rebuilt layer with its kernel computed
-once, ``folded=True``; for ``torch.compile`` the whole-model check runs compiled) and,
-for eager and compiled PyTorch, is deployed as a user would: the layers (and LSTMs) that run
-rebuilt for every shape become PyTorch's own layers (:func:`tdcompress.densify` with
-:func:`tdcompress.layers.rebuilt_everywhere`), the kernels of layers rebuilt for some shapes
-only are kept (:func:`tdcompress.layers.fold_kernels`), as ONNX Runtime folds them at
-load; the layers that run rebuilt are listed per runtime. Timings on a loaded machine are not
+The compressed model first makes its per-layer execution choice for each thread count and
+batch size (one deployed model per case; :func:`tdcompress.layers.choose_execution`,
+timing a rebuilt layer with its kernel computed once, ``folded=True``; for
+``torch.compile`` the whole-model check runs compiled) and, for eager and compiled PyTorch,
+is deployed as a user would: the layers (and LSTMs) that run rebuilt become PyTorch's own
+layers (:func:`tdcompress.densify` with :func:`tdcompress.layers.rebuilt_everywhere`), as
+ONNX Runtime folds their kernels at load; the layers that run rebuilt are listed per
+runtime. Timings on a loaded machine are not
 results: rerun on a quiet one (docs/performance.md).
 """
 
@@ -110,7 +110,6 @@ def bench_models(
     from tdcompress.surgery import densify
 
     shape = tuple(int(v) for v in input_shape[1:])
-    shapes = [(b, *shape) for b in batch_sizes]
     tmp = Path(tempfile.mkdtemp(prefix="tdcompress-bench-", dir=workdir))
     info: dict[str, dict[str, Any]] = {}
     fns: dict[tuple[str, str, int, int], Callable[[], float]] = {}
@@ -118,49 +117,51 @@ def bench_models(
     limits = _compile_limits() if "compile" in runtimes else contextlib.nullcontext()
     try:
         limits.__enter__()
-        # one model per runtime and thread count: the execution choice is made at the thread
-        # count it runs at (a factorized contraction may win at 1 thread and lose at 2)
-        prepared: dict[tuple[str, str, int], nn.Module] = {}
+        # one model per runtime, thread count and batch size, each deployed as a user would
+        # deploy it there: the execution choice made at that thread count for that input
+        # shape (a factorized contraction may win at 1 thread and lose at 2, or win at
+        # batch 32 and lose at 1), then PyTorch's own layers for what runs dense
+        prepared: dict[tuple[str, str, int, int], nn.Module] = {}
         for label, model in models.items():
             model = copy.deepcopy(model).cpu().float().eval()
             rec: dict[str, Any] = {
                 "params": sum(p.numel() for p in model.parameters()),
                 "macs_per_sample": None if macs is None else macs.get(label),
-                "rebuilt_layers": {},  # (at threads[0]; by thread count below)
-                "rebuilt_layers_by_threads": {},
+                "rebuilt_layers": {},  # (at threads[0], for some batch size; per case below)
+                "rebuilt_layers_by_case": {},
+                "densified_layers_by_case": {},
             }
             for t in threads:
                 torch.set_num_threads(t)
                 for rt in runtimes:
-                    m = copy.deepcopy(model)
                     nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
-                    if nhwc:
-                        m = m.to(memory_format=torch.channels_last)
-                    if choose:
-                        choose_execution(  # (compile: the whole-model check compiled)
-                            m,
-                            shapes,
-                            repeats=choice_repeats,
-                            folded=True,
-                            channels_last=nhwc,
-                            compiled=rt == "compile",
-                        )
-                        names = rebuilt_layers(m)
-                        if rt != "onnxruntime":  # (ONNX Runtime folds them itself at load)
-                            # PyTorch's own layers for what runs dense for every shape,
-                            # kept kernels for layers rebuilt for some shapes only
-                            dense = rebuilt_everywhere(m)
-                            m = densify(m, inplace=True, layers=dense)
-                            fold_kernels(m, channels_last=nhwc)
-                            rec.setdefault("densified_layers_by_threads", {}).setdefault(
-                                str(t), {}
-                            )[rt] = dense
-                        rec["rebuilt_layers_by_threads"].setdefault(str(t), {})[rt] = names
-                        if t == threads[0]:
-                            rec["rebuilt_layers"][rt] = names
-                    prepared[(label, rt, t)] = m
+                    for b in batch_sizes:
+                        m = copy.deepcopy(model)
+                        if nhwc:
+                            m = m.to(memory_format=torch.channels_last)
+                        if choose:
+                            choose_execution(  # (compile: the whole-model check compiled)
+                                m,
+                                [(b, *shape)],
+                                repeats=choice_repeats,
+                                folded=True,
+                                channels_last=nhwc,
+                                compiled=rt == "compile",
+                            )
+                            case = f"{t} threads, batch {b}"
+                            names = rebuilt_layers(m)
+                            rec["rebuilt_layers_by_case"].setdefault(case, {})[rt] = names
+                            if t == threads[0]:
+                                seen = rec["rebuilt_layers"].setdefault(rt, [])
+                                seen += [n for n in names if n not in seen]
+                            if rt != "onnxruntime":  # (ONNX Runtime folds them at load)
+                                dense = rebuilt_everywhere(m)
+                                m = densify(m, inplace=True, layers=dense)
+                                fold_kernels(m, channels_last=nhwc)  # (the rest, if any)
+                                rec["densified_layers_by_case"].setdefault(case, {})[rt] = dense
+                        prepared[(label, rt, t, b)] = m
             if "onnxruntime" in runtimes:
-                m = prepared[(label, "onnxruntime", threads[0])]
+                m = prepared[(label, "onnxruntime", threads[0], batch_sizes[0])]
                 x1 = torch.randn(1, *shape)
                 res = export_model(m, x1, tmp / f"{label}-b1.onnx")
                 rec["onnx_bytes"] = res.file_bytes
@@ -168,14 +169,13 @@ def bench_models(
         built: dict[tuple[Any, ...], Any] = {}  # compiled modules and ONNX files, reused
         for t in threads:
             torch.set_num_threads(t)
-            for (label, rt, tm), m in prepared.items():
+            for (label, rt, tm, b), m in prepared.items():
                 if tm != t:
                     continue
-                for b in batch_sizes:
-                    nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
-                    fns[(label, rt, t, b)] = _forward(
-                        m, rt, (b, *shape), t, tmp / label / f"t{t}", nhwc, built
-                    )
+                nhwc = channels_last and len(shape) == 3 and rt != "onnxruntime"
+                fns[(label, rt, t, b)] = _forward(
+                    m, rt, (b, *shape), t, tmp / label / f"t{t}b{b}", nhwc, built
+                )
         del built
         times: dict[tuple[str, str, int, int], list[float]] = {k: [] for k in fns}
         for t in threads:
@@ -197,7 +197,7 @@ def bench_models(
                 for rt in ("eager", "onnxruntime"):
                     if rt in runtimes:
                         info[label]["peak_rss_mib"][rt] = _peak_rss(
-                            prepared[(label, rt, threads[0])],
+                            prepared[(label, rt, threads[0], max(batch_sizes))],
                             rt,
                             big,
                             threads[0],
