@@ -458,30 +458,49 @@ def test_folded_layers_with_mixed_choices_run_each_shape_in_its_mode(factorized_
     torch.testing.assert_close(got4, want4, rtol=1e-12, atol=1e-12)
 
 
+def _make_slow(monkeypatch, model: nn.Module, slow: str) -> None:
+    """Every layer made to sleep 2 ms per call in mode ``slow`` (``"factorized"``: the
+    factorized layers; ``"rebuilt"``: the PyTorch layers of the whole-model check's deployed
+    copies), while timed alone factorized always looks faster."""
+    import time
+
+    def sleep(mod, args):  # noqa: ANN001, ANN202
+        time.sleep(0.002)
+
+    monkeypatch.setattr(_base, "_time_modes", lambda *a, **k: (1.0, 2.0))  # factorized wins
+    if slow == "factorized":
+        for m in model.modules():
+            if isinstance(m, FactorizedLayer):
+                m.register_forward_pre_hook(sleep)
+        return
+    real_dense = _base._with_dense_modules
+
+    def dense_modules(twin, channels_last=False):  # noqa: ANN001, ANN202
+        out = real_dense(twin, channels_last)
+        for m in out.modules():
+            if type(m) in (nn.Conv2d, nn.Linear) and not getattr(m, "_tdc_slow", False):
+                m._tdc_slow = True
+                m.register_forward_pre_hook(sleep)
+        return out
+
+    monkeypatch.setattr(_base, "_with_dense_modules", dense_modules)
+
+
 @pytest.mark.parametrize("slow", ["factorized", "rebuilt"])
 def test_folded_choice_keeps_every_layer_rebuilt_unless_the_whole_model_gains(
     slow, factorized_net, monkeypatch
 ):
-    """choose_execution(folded=True) checks the per-layer choices on the whole forward:
-    when the model runs slower with them than with every layer rebuilt (here: each layer
-    made to sleep in the slow mode, while timed alone factorized always looks faster), every
-    layer runs rebuilt for that shape and the records say so; otherwise the choices stay."""
-    import time
-
+    """choose_execution(folded=True) checks the per-layer choices on the whole forward,
+    against a copy deployed with every layer as PyTorch's own layer: when the model runs
+    slower with the choices, every layer runs rebuilt for that shape and the records say
+    so; otherwise the choices stay."""
     model = factorized_net().eval()
-    monkeypatch.setattr(_base, "_time_modes", lambda *a, **k: (1.0, 2.0))  # factorized wins
-    for m in model.modules():
-        if isinstance(m, FactorizedLayer):
-
-            def pre(mod, args):  # noqa: ANN001, ANN202
-                if _base.chosen_mode(mod, args[0]) == slow:
-                    time.sleep(0.002)
-
-            m.register_forward_pre_hook(pre)
+    _make_slow(monkeypatch, model, slow)
     recs = choose_execution(model, [(2, 3, 16, 16)], folded=True, repeats=3)
     want = "rebuilt" if slow == "factorized" else "factorized"
     assert {r.mode for r in recs} == {want}
     assert set(rebuilt_layers(model)) == (set(FACTORIZED) if want == "rebuilt" else set())
+    assert all(isinstance(model.get_submodule(n), FactorizedLayer) for n in FACTORIZED)
 
 
 @pytest.mark.parametrize("slow", ["factorized", "rebuilt"])
@@ -490,8 +509,6 @@ def test_compiled_choice_checks_the_whole_model_compiled(factorized_net, monkeyp
     would be deployed (every layer as PyTorch's own layer, against the per-layer choices)
     and keeps the faster; each copy is compiled once (warmed before timing); the model
     itself is left with the modes, not compiled, not folded."""
-    import time
-
     compiled: list[nn.Module] = []
     real = torch.compile
 
@@ -499,28 +516,9 @@ def test_compiled_choice_checks_the_whole_model_compiled(factorized_net, monkeyp
         compiled.append(model)
         return real(model, backend="eager", **kwargs)
 
-    def sleep(mod, args):  # noqa: ANN001, ANN202
-        time.sleep(0.002)
-
     monkeypatch.setattr(torch, "compile", fake_compile)
-    real_dense = _base._with_dense_modules
-
-    def dense_modules(model, channels_last=False):  # noqa: ANN001, ANN202
-        out = real_dense(model, channels_last)
-        if slow == "rebuilt":  # PyTorch's layers made slow
-            for m in out.modules():
-                if type(m) in (nn.Conv2d, nn.Linear) and not hasattr(m, "_tdc_slow"):
-                    m._tdc_slow = True
-                    m.register_forward_pre_hook(sleep)
-        return out
-
-    monkeypatch.setattr(_base, "_with_dense_modules", dense_modules)
     model = factorized_net().eval()
-    monkeypatch.setattr(_base, "_time_modes", lambda *a, **k: (1.0, 2.0))  # factorized wins
-    if slow == "factorized":
-        for m in model.modules():
-            if isinstance(m, FactorizedLayer):
-                m.register_forward_pre_hook(sleep)
+    _make_slow(monkeypatch, model, slow)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         want_out = model(x)

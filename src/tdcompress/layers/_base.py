@@ -1243,7 +1243,7 @@ def choose_execution(
                     records.append(ExecutionRecord(name, tuple(xin.shape), key, mode, t_f, t_r))
                 if folded and force is None:
                     _whole_model_check(
-                        model, x, records, start, done, repeats, channels_last, compiled
+                        model, x, records, start, done, repeats, channels_last, compiled, margin
                     )
                 if force is None:  # (with the layers' modes for this shape settled)
                     records += _choose_recurrences(lstm_inputs, repeats, warmup)
@@ -1299,14 +1299,15 @@ def _whole_model_check(
     repeats: int,
     channels_last: bool = False,
     compiled: bool = False,
+    margin: float = 0.02,
 ) -> None:
-    """With kept kernels every layer rebuilt runs as the dense model does; a layer timed
-    alone can look faster factorized yet slow the model down (the layout or strides of its
-    output, caches). So time the whole forward on ``x`` with the per-layer choices against
-    every layer rebuilt (interleaved medians; each as deployed after :func:`fold_kernels`;
-    ``compiled``: each a folded copy of the model under ``torch.compile``) and keep every
-    layer rebuilt for this shape unless the choices are faster; the records of this shape
-    (``records[start:]``) follow."""
+    """A layer timed alone can look faster factorized yet slow the model down (the layout or
+    strides of its output, caches, per-call overhead). So time the whole forward on ``x``
+    with the per-layer choices against every layer rebuilt, each as a copy of the model
+    deployed as in PyTorch (what runs rebuilt as PyTorch's own layers: the dense model, for
+    every layer rebuilt; ``compiled``: under ``torch.compile``), interleaved medians, and
+    keep every layer rebuilt for this shape unless the choices are faster by ``margin``;
+    the records of this shape (``records[start:]``) follow."""
     import copy
     import time
 
@@ -1316,51 +1317,35 @@ def _whole_model_check(
     if all(v == "rebuilt" for v in chosen.values()):
         return
 
-    folded_before = [m for m in layers.values() if FOLDED in m._buffers]
-
     def set_modes(all_rebuilt: bool) -> None:
         for m, key in pairs:
             set_execution(m, key, "rebuilt" if all_rebuilt else chosen[(id(m), key)])
 
-    if compiled:  # (a compiled copy per setting, each deployed as in PyTorch: the modules
-        # that run only dense ops as PyTorch's own layers (every layer, for all rebuilt),
-        # the other rebuilt kernels folded; compiled and warmed before timing)
-        graphs = {}
-        names = {id(m): n for n, m in model.named_modules()}
-        for flag in (True, False):
-            set_modes(flag)
-            twin = copy.deepcopy(model)
-            for m, key in pairs:  # (this shape's modes only: deployed as if alone)
-                layer = twin.get_submodule(names[id(m)])
-                layer._execution = {key: m._execution[key]}
-            twin = _with_dense_modules(twin, channels_last)
-            fold_kernels(twin, channels_last)
-            graphs[flag] = torch.compile(twin, dynamic=False)
-            graphs[flag](x)
-
-    def run(all_rebuilt: bool) -> float:
-        if compiled:
-            t0 = time.perf_counter()
-            graphs[all_rebuilt](x)
-            return time.perf_counter() - t0
-        set_modes(all_rebuilt)
-        fold_kernels(model, channels_last)
-        try:
-            t0 = time.perf_counter()
-            model(x)
-            return time.perf_counter() - t0
-        finally:
-            unfold_kernels(model)
+    # a copy per setting, deployed: this shape's modes only (as if deployed for it alone),
+    # the modules that then run only dense ops as PyTorch's layers (compiled: warmed)
+    runs = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for flag in (True, False):
+        set_modes(flag)
+        twin = copy.deepcopy(model)
+        for m, key in pairs:
+            layer = twin.get_submodule(names[id(m)])
+            layer._execution = {key: m._execution[key]}
+        twin = _with_dense_modules(twin, channels_last)
+        fold_kernels(twin, channels_last)
+        runs[flag] = torch.compile(twin, dynamic=False) if compiled else twin
+        runs[flag](x)
 
     times: dict[bool, list[float]] = {True: [], False: []}
     for k in range(3 + repeats):
         for flag in (True, False) if k % 2 == 0 else (False, True):
-            t = run(flag)
+            t0 = time.perf_counter()
+            runs[flag](x)
             if k >= 3:
-                times[flag].append(t)
-    rebuilt_all = _median(times[True]) <= _median(times[False])
+                times[flag].append(time.perf_counter() - t0)
+    rebuilt_all = not _median(times[False]) < _median(times[True]) * (1.0 - margin)
     set_modes(rebuilt_all)
-    if folded_before:  # (the model was folded before: it stays so, with the new choices)
+    if any(FOLDED in m._buffers for m in layers.values()):  # (folded before: it stays so)
         fold_kernels(model, channels_last)
     if rebuilt_all:
         for i in range(start, len(records)):
