@@ -423,6 +423,21 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def result_cells(r: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """A row's table cells: vs dense (points), the paper's top-1, parameters, ratio (or the
+    planned one) and MAC reduction; "-" where unknown."""
+    delta = "-" if "delta_vs_dense" not in r else f"{100 * r['delta_vs_dense']:+.2f}"
+    paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
+    params = f"{r['params']:,}" if "params" in r else "-"
+    ratio = (
+        f"{r['ratio']:.2f}x"
+        if "ratio" in r
+        else (f"({r['planned_ratio']:.2f}x planned)" if "planned_ratio" in r else "-")
+    )
+    macs = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else "-"
+    return delta, paper, params, ratio, macs
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# CIFAR-10: ResNet-20 and ResNet-32 at the paper's ratios (30- and 90-epoch budgets)",
@@ -450,15 +465,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 status += f" {100 * rr['top1']:.2f}"
             if "delta_vs_dense" in rr:
                 status += f" ({100 * rr['delta_vs_dense']:+.2f})"
-        delta = "-" if "delta_vs_dense" not in r else f"{100 * r['delta_vs_dense']:+.2f}"
-        paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
-        params = f"{r['params']:,}" if "params" in r else "-"
-        ratio = (
-            f"{r['ratio']:.2f}x"
-            if "ratio" in r
-            else (f"({r['planned_ratio']:.2f}x planned)" if "planned_ratio" in r else "-")
-        )
-        macs = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else "-"
+        delta, paper, params, ratio, macs = result_cells(r)
         lines.append(
             f"| {r['label']} | {status} | {_pct(r.get('top1'))} | {delta} | {paper} | {params} "
             f"| {ratio} | {macs} | {epochs} | {r['wall_seconds'] / 60:.0f} |"

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10 import _pct, _status, run_row  # noqa: E402
+from cifar10 import _pct, _status, result_cells, run_row  # noqa: E402
 from tdcompress.config import Config, load_config  # noqa: E402
 from tdcompress.report import command_block, pyplot, save_figure  # noqa: E402
 from tdcompress.train.checkpoint import atomic_write_text  # noqa: E402
@@ -189,15 +189,7 @@ def markdown(doc: dict[str, Any]) -> str:
             epochs = f"{ep['finetune']} fine-tune"
         else:
             epochs = f"{ep['admm']} ADMM + {ep['finetune']} fine-tune"
-        delta = "-" if "delta_vs_dense" not in r else f"{100 * r['delta_vs_dense']:+.2f}"
-        paper = "-" if r["paper_top1"] is None else f"{r['paper_top1']:.2f}"
-        params = f"{r['params']:,}" if "params" in r else "-"
-        ratio = (
-            f"{r['ratio']:.2f}x"
-            if "ratio" in r
-            else (f"({r['planned_ratio']:.2f}x planned)" if "planned_ratio" in r else "-")
-        )
-        macs = f"{r['macs_reduction']:.2f}x" if r.get("macs_reduction") else "-"
+        delta, paper, params, ratio, macs = result_cells(r)
         lines.append(
             f"| {r['label']} | {_status(r)} | {_pct(r.get('top1'))} | {delta} | {paper} "
             f"| {params} | {ratio} | {macs} | {epochs} | {r['wall_seconds'] / 3600:.1f} |"
