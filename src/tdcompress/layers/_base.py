@@ -1290,6 +1290,10 @@ def _choose_recurrences(
     return records
 
 
+#: seconds one timed sample of the whole-model check lasts at least (several forwards)
+CHECK_SAMPLE_SECONDS = 0.004
+
+
 def _whole_model_check(
     model: nn.Module,
     x: torch.Tensor,
@@ -1336,11 +1340,17 @@ def _whole_model_check(
         runs[flag] = torch.compile(twin, dynamic=False) if compiled else twin
         runs[flag](x)
 
+    # each sample several forwards lasting at least CHECK_SAMPLE_SECONDS: a fast forward
+    # timed once is at the mercy of a scheduler tick (a wrong choice costs every call after)
+    t0 = time.perf_counter()
+    runs[True](x)
+    calls = max(1, min(64, math.ceil(CHECK_SAMPLE_SECONDS / (time.perf_counter() - t0))))
     times: dict[bool, list[float]] = {True: [], False: []}
     for k in range(3 + repeats):
         for flag in (True, False) if k % 2 == 0 else (False, True):
             t0 = time.perf_counter()
-            runs[flag](x)
+            for _ in range(calls):
+                runs[flag](x)
             if k >= 3:
                 times[flag].append(time.perf_counter() - t0)
     rebuilt_all = not _median(times[False]) < _median(times[True]) * (1.0 - margin)
